@@ -1,0 +1,55 @@
+"""`rpo`: the command line, a thin layer over the rpo_local API.
+
+Conventions: stdout carries only the result; notes, progress and trajectories go to stderr;
+every listing has `--json`; each kind of failure has its own exit code (rpo_local.errors).
+Heavy imports (llama_cpp, torch) happen inside the verbs that need them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from rpo_local.cli import history, misc, rewrite
+from rpo_local.errors import EXIT_INTERRUPTED, RpoError
+
+app = typer.Typer(
+    name="rpo",
+    help="Personalize LLM replies offline: rewrite a generic reply in your own style.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("rewrite")(rewrite.rewrite)
+app.add_typer(history.app, name="history")
+app.add_typer(history.profiles_app, name="profiles")
+misc.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: maps errors to exit codes, Ctrl-C to 130, a closed pipe to silence."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="rpo", standalone_mode=False)
+    except RpoError as exc:
+        misc.err(f"Error: {exc.message}")
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python's exit flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

@@ -1,0 +1,146 @@
+"""`rpo history ...` and `rpo profiles ...`: the user's own writing, kept locally."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rpo_local.cli._common import JsonOpt, ProfileOpt, note, open_store, print_json, profile_name, read_input
+
+app = typer.Typer(help="Add, import, browse, search and forget the user's writing.", no_args_is_help=True)
+profiles_app = typer.Typer(help="Profiles (users or personas) in the database.", no_args_is_help=True)
+
+KindOpt = Annotated[str, typer.Option("--kind", help="chat, email, tweet, note, post, message, review, other")]
+
+
+@app.command("add")
+def add(
+    texts: Annotated[list[str] | None, typer.Argument(help="Text to add (each argument is one item)")] = None,
+    files: Annotated[list[Path] | None, typer.Option("--file", "-f", help="A file to add as one item")] = None,
+    profile: ProfileOpt = None,
+    kind: KindOpt = "note",
+    source: Annotated[str | None, typer.Option("--source", help="Where the text comes from")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Add items of the user's own writing: arguments, --file, or stdin (one item)."""
+    from rpo_local.importers import read_text_file
+
+    items = [{"text": t, "kind": kind, "source": source or "cli"} for t in texts or []]
+    items += [{"text": read_text_file(f), "kind": kind, "source": source or str(f)} for f in files or []]
+    if not items:
+        items = [{"text": read_input(None, what="text to add"), "kind": kind, "source": source or "stdin"}]
+    _add(items, profile, json_out)
+
+
+def _add(items: list[dict], profile: str | None, json_out: bool) -> None:
+    name = profile_name(profile)
+    with open_store() as store:
+        ids = store.add_items(name, items)
+    skipped = len([i for i in items if i["text"].strip()]) - len(ids)
+    note(f"added {len(ids)} item(s) to profile {name!r}" + (f", {skipped} already there" if skipped else ""))
+    if json_out:
+        print_json({"profile": name, "added": ids, "skipped": skipped})
+    else:
+        for item_id in ids:
+            print(item_id)
+
+
+@app.command("import")
+def import_(
+    paths: Annotated[list[Path], typer.Argument(help="Text/Markdown files, JSONL, or an llm logs.db")],
+    profile: ProfileOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, text, jsonl or llm")] = "auto",
+    split: Annotated[str, typer.Option("--split", help="Text files: 'paragraph' or 'file' per item")] = "paragraph",
+    kind: KindOpt = "note",
+    json_out: JsonOpt = False,
+) -> None:
+    """Import existing writing in bulk (duplicates are skipped)."""
+    from rpo_local.errors import InputError
+    from rpo_local.importers import FORMATS, iter_items
+
+    if fmt not in FORMATS:
+        raise InputError(f"--format must be one of {', '.join(FORMATS)}")
+    if split not in ("paragraph", "file"):
+        raise InputError("--split must be 'paragraph' or 'file'")
+    items: list[dict] = []
+    for path in paths:
+        items.extend(iter_items(path, fmt=fmt, split=split, kind=kind))  # all parsed before any write
+    _add(items, profile, json_out)
+
+
+@app.command("list")
+def list_(
+    profile: ProfileOpt = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 20,
+    offset: Annotated[int, typer.Option("--offset", min=0)] = 0,
+    kind: Annotated[str | None, typer.Option("--kind")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the newest items of a profile."""
+    with open_store() as store:
+        rows = store.list_items(profile_name(profile), limit=limit, offset=offset, kind=kind)
+    _print_items(rows, json_out)
+
+
+@app.command("search")
+def search(
+    query: Annotated[str, typer.Argument(help="Words to find (the last one may be a prefix)")],
+    profile: ProfileOpt = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 20,
+    json_out: JsonOpt = False,
+) -> None:
+    """Full-text search of a profile's history (BM25 ranked)."""
+    with open_store() as store:
+        rows = store.search_items(profile_name(profile), query, limit=limit)
+    _print_items(rows, json_out)
+
+
+@app.command("show")
+def show(item_id: Annotated[int, typer.Argument(help="Item id")], json_out: JsonOpt = False) -> None:
+    """Show one item in full."""
+    with open_store() as store:
+        item = store.get_item(item_id)
+    if json_out:
+        print_json(item)
+    else:
+        print(item["text"])
+        note(f"#{item['id']} {item['kind']} in {item['profile']!r}, {item['created_at']}, from {item['source']}")
+
+
+@app.command("forget")
+def forget(
+    item_ids: Annotated[list[int], typer.Argument(help="Item id(s) to delete for good")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Delete items for real: the row and its search-index entry."""
+    with open_store() as store:
+        for item_id in item_ids:
+            store.get_item(item_id)  # all ids checked before anything is deleted
+        gone = [store.forget_item(i)["id"] for i in item_ids]
+    note(f"forgot {len(gone)} item(s)")
+    if json_out:
+        print_json({"forgotten": gone})
+
+
+def _print_items(rows: list[dict], json_out: bool) -> None:
+    if json_out:
+        print_json(rows)
+        return
+    for row in rows:
+        text = " ".join(row["text"].split())
+        sys.stdout.write(f"{row['id']}\t{row['kind']}\t{text[:100] + ('…' if len(text) > 100 else '')}\n")
+
+
+@profiles_app.command("list")
+def profiles_list(json_out: JsonOpt = False) -> None:
+    """List profiles with their item counts."""
+    with open_store() as store:
+        rows = store.list_profiles()
+    if json_out:
+        print_json(rows)
+    else:
+        for row in rows:
+            print(f"{row['name']}\t{row['items']} items")

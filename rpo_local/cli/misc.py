@@ -1,0 +1,156 @@
+"""Small verbs: paths, config, doctor, log, feedback."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from rpo_local.cli._common import JsonOpt, ProfileOpt, err, note, open_store, print_json, profile_name
+
+config_app = typer.Typer(help="Show and change configuration.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("paths")(paths)
+    app.command("doctor")(doctor)
+    app.command("log")(log)
+    app.command("feedback")(feedback)
+    app.add_typer(config_app, name="config")
+
+
+def paths(json_out: JsonOpt = False) -> None:
+    """Print where rpo-local keeps its database, config, adapters and cache."""
+    from rpo_local.paths import all_paths
+
+    items = {k: str(v) for k, v in all_paths().items()}
+    if json_out:
+        print_json(items)
+    else:
+        for key, value in items.items():
+            print(f"{key}\t{value}")
+
+
+@config_app.command("show")
+def config_show(json_out: JsonOpt = False) -> None:
+    """The effective configuration (defaults, file, RPO_* environment)."""
+    from rpo_local.config import load_config
+
+    values = load_config().to_dict()
+    if json_out:
+        print_json(values)
+    else:
+        for key, value in values.items():
+            print(f"{key} = {value!r}")
+
+
+@config_app.command("set")
+def config_set(key: str, value: str) -> None:
+    """Persist KEY = VALUE in the config file."""
+    from rpo_local.config import set_value
+
+    set_value(key, value)
+    note(f"{key} set")
+
+
+def doctor(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
+    """Check the installation: backend, model, adapter, database."""
+    from rpo_local import paths as p
+    from rpo_local.config import load_config
+    from rpo_local.errors import RpoError
+    from rpo_local.models import resolve_model_path
+
+    config = load_config()
+    name = profile or config.profile
+    report: dict = {"profile": name, "problems": []}
+    try:
+        from rpo_local.engine import backend_name
+
+        report["backend"] = backend_name()
+    except ImportError as exc:
+        report["backend"] = None
+        report["problems"].append(f"llama-cpp-python is not importable: {exc}")
+    try:
+        model = resolve_model_path(config.model or None)
+        report["model"] = {"path": str(model), "bytes": model.stat().st_size}
+    except RpoError as exc:
+        report["model"] = None
+        report["problems"].append(exc.message)
+    report["database"] = {"path": str(p.db_path())}
+    try:
+        from rpo_local.adapters import resolve_adapter
+
+        with open_store() as store:
+            report["database"]["counts"] = store.counts()
+            adapter = resolve_adapter(store, name)
+            report["adapter"] = str(adapter) if adapter else None
+            report["training"] = _training_status(store, name)
+    except RpoError as exc:
+        report["problems"].append(exc.message)
+    if json_out:
+        print_json(report)
+    else:
+        _print_report(report)
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
+def _training_status(store, profile: str) -> dict | None:  # noqa: ANN001
+    rows = list(
+        store.db.query(
+            "select r.kind, r.status, r.started_at, r.finished_at from train_runs r join profiles p "
+            "on p.id = r.profile_id where p.name = ? order by r.id desc limit 1",
+            [profile],
+        )
+    )
+    return rows[0] if rows else None
+
+
+def _print_report(report: dict) -> None:
+    model = report.get("model") or {}
+    db = report.get("database") or {}
+    lines = [
+        ("backend", report.get("backend")),
+        ("model", f"{model.get('path')} ({model.get('bytes', 0) / 1e6:.0f} MB)" if model else None),
+        ("adapter", report.get("adapter") or "none"),
+        ("database", db.get("path")),
+        ("counts", ", ".join(f"{k} {v}" for k, v in (db.get("counts") or {}).items())),
+        ("last training", report.get("training") or "never"),
+    ]
+    for key, value in lines:
+        print(f"{key:>14}: {value}")
+    for problem in report["problems"]:
+        err(f"problem: {problem}")
+
+
+def log(
+    profile: ProfileOpt = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 10,
+    json_out: JsonOpt = False,
+) -> None:
+    """Recent rewrites of a profile (newest first)."""
+    with open_store() as store:
+        rows = store.list_interactions(profile_name(profile), limit=limit)
+    if json_out:
+        print_json(rows)
+        return
+    for row in rows:
+        flag = "generic" if row["fallback"] else "rewritten"
+        text = " ".join((row["rewrite"] or "").split())
+        print(f"{row['id']}\t{flag}\t{row['latency_ms']:.0f} ms\t{text[:80]}")
+
+
+def feedback(
+    interaction_id: Annotated[int, typer.Argument(help="Interaction id (see `rpo log`)")],
+    verdict: Annotated[str, typer.Argument(help="accepted, edited or rejected")],
+    text: Annotated[str | None, typer.Option("--text", help="The edited text (for 'edited')")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Teach the model: accept, edit or reject a rewrite."""
+    with open_store() as store:
+        fid = store.add_feedback(interaction_id, verdict, text)
+    note(f"feedback #{fid} recorded")
+    if json_out:
+        print_json({"feedback_id": fid, "interaction_id": interaction_id, "verdict": verdict})
+
+

@@ -1,0 +1,98 @@
+"""`rpo rewrite`: a Unix filter from a generic reply to the user's own style."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rpo_local.cli._common import JsonOpt, ProfileOpt, note, print_json, read_input
+
+
+def rewrite(
+    file: Annotated[Path | None, typer.Argument(help="File with the generic reply [default: stdin]")] = None,
+    profile: ProfileOpt = None,
+    k: Annotated[int | None, typer.Option("--k", "-k", min=0, help="Profile items to retrieve")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="GGUF reflection model")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter name/id/path, or 'none'")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the rewrite to FILE (atomically)")] = None,
+    json_out: JsonOpt = False,
+    show_trajectory: Annotated[bool, typer.Option("--show-trajectory", "-t", help="Print the trajectory on stderr")] = False,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the rewrite as it is generated")] = True,
+    log: Annotated[bool, typer.Option("--log/--no-log", help="Record the interaction in the database")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No notes on stderr")] = False,
+) -> None:
+    """Rewrite a generic reply (stdin or FILE) in the profile's style; only the rewrite goes to stdout."""
+    from rpo_local.config import load_config
+    from rpo_local.session import open_reflector
+
+    text = read_input(file, what="generic reply")
+    config = load_config()
+    if k is not None:
+        config.k = k
+    reflector = open_reflector(config, profile=profile, model=model, adapter=adapter)
+    profile = profile or config.profile
+    on_note = None if quiet else note
+    if json_out:
+        result = reflector.rewrite(text, profile, log=log, on_note=on_note, source="cli")
+        if output:
+            _write_file(output, result.rewrite)
+        print_json(result.to_dict())
+        return
+    if output:
+        result = _rewrite_to_file(reflector, text, profile, output, stream, log, on_note)
+    else:
+        sink = _stdout_sink if stream else None
+        result = reflector.rewrite(text, profile, log=log, on_text=sink, on_note=on_note, source="cli")
+        if not stream:
+            sys.stdout.write(result.rewrite)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if show_trajectory:
+        _print_trajectory(result.trajectory)
+
+
+def _stdout_sink(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _rewrite_to_file(reflector, text, profile, output: Path, stream, log, on_note):  # noqa: ANN001, ANN202
+    """Stream into a temporary file beside OUTPUT, renamed over it only when complete."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+
+            def sink(chunk: str) -> None:
+                fh.write(chunk)
+                fh.flush()
+
+            result = reflector.rewrite(
+                text, profile, log=log, on_text=sink if stream else None, on_note=on_note, source="cli"
+            )
+            if not stream:
+                fh.write(result.rewrite)
+            fh.write("\n")
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _write_file(path: Path, text: str) -> None:
+    from rpo_local.fsutil import atomic_write_text
+
+    atomic_write_text(path, text + "\n")
+
+
+def _print_trajectory(trajectory: dict | list[dict]) -> None:
+    for part in trajectory if isinstance(trajectory, list) else [trajectory]:
+        for key in ("style", "diff", "edits", "answer", "problem"):
+            if part.get(key):
+                print(f"{key:>7}: {part[key]}", file=sys.stderr)

@@ -1,0 +1,98 @@
+"""The one place for configuration: defaults, the TOML file, environment overrides.
+
+Precedence (highest first): command-line flags, `RPO_*` environment variables, the config
+file (`rpo paths` shows where), the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from rpo_local import paths
+from rpo_local.errors import ConfigError
+
+
+@dataclass
+class Config:
+    profile: str = "default"
+    model: str = ""  # GGUF path; empty means the embedded SmolLM2-135M-Instruct
+    k: int = 4  # profile items retrieved per rewrite
+    trajectory_tokens: int = 96  # budget for the style/diff/edits sections
+    temperature: float = 0.0
+    seed: int = 0
+    n_ctx: int = 2048
+    n_threads: int = 0  # 0: llama.cpp's default
+    upstream_url: str = ""  # OpenAI-compatible base URL; empty: the local base model
+    upstream_model: str = "gpt-4o-mini"
+    rewrite_timeout_s: float = 30.0  # the daemon returns the generic reply past this
+    train_min_new_items: int = 20  # new history/feedback items that trigger a training run
+    train_interval_hours: float = 24.0
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_ENV = {f"RPO_{name.upper()}": name for name in Config.keys()}
+
+
+def _coerce(name: str, value: object) -> object:
+    kind = type(getattr(Config(), name))
+    try:
+        if kind is bool:
+            return str(value).lower() in {"1", "true", "yes", "on"}
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {name!r} expects {kind.__name__}, got {value!r}") from None
+
+
+def read_file(path: Path | None = None) -> dict:
+    path = path or paths.config_path()
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(data) - set(Config.keys()))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    return data
+
+
+def load_config(path: Path | None = None) -> Config:
+    values = {k: _coerce(k, v) for k, v in read_file(path).items()}
+    for env, name in _ENV.items():
+        if env in os.environ and env != "RPO_HOME":
+            values[name] = _coerce(name, os.environ[env])
+    return Config(**values)
+
+
+def set_value(key: str, value: str, path: Path | None = None) -> None:
+    """Persist one key atomically (write a temporary file, then rename)."""
+    if key not in Config.keys():
+        raise ConfigError(f"unknown config key {key!r}; known: {', '.join(Config.keys())}")
+    path = path or paths.config_path()
+    data = read_file(path)
+    data[key] = _coerce(key, value)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in sorted(data.items())]
+    from rpo_local.fsutil import atomic_write_text
+
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    import json
+
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string

@@ -1,0 +1,193 @@
+"""The inference engine: a GGUF model run by llama.cpp (llama-cpp-python).
+
+`Engine` is the small interface the rest of the package uses (tests substitute a fake);
+`LlamaEngine` implements it. llama_cpp is imported only when an engine is opened.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from rpo_local.errors import ModelError
+from rpo_local.models import check_gguf, resolve_model_path
+
+if TYPE_CHECKING:
+    from rpo_local.config import Config
+
+
+@dataclass
+class Completion:
+    """Filled in by `Engine.stream` as it runs; final once the iterator is exhausted."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (stop string or end of turn) or "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_s: float = 0.0  # time to the first generated token
+    gen_s: float = 0.0  # time for the rest
+
+
+class Engine(Protocol):
+    model_path: Path
+    adapter_path: Path | None
+    n_ctx: int
+    lock: threading.RLock  # held by a caller for a whole multi-step generation
+
+    def chat_template(self) -> str: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        stop: list[str],
+        temperature: float = 0.0,
+        seed: int = 0,
+        result: Completion | None = None,
+    ) -> Iterator[str]: ...
+
+    def set_adapter(self, path: Path | None, scale: float = 1.0) -> None: ...
+
+    def describe(self) -> dict: ...
+
+
+def backend_name() -> str:
+    """CUDA, Metal, Vulkan or CPU: what this llama.cpp build offloads to."""
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        return "CPU"
+    info = llama_cpp.llama_print_system_info().decode(errors="replace").upper()
+    for name in ("CUDA", "METAL", "VULKAN", "HIP", "SYCL"):
+        if name in info:
+            return name.title() if name != "CUDA" else name
+    return "GPU"
+
+
+class LlamaEngine:
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int = 0,
+        seed: int = 0,
+        adapter_path: Path | None = None,
+    ) -> None:
+        import llama_cpp
+
+        check_gguf(model_path)
+        self.model_path = model_path
+        self.n_ctx = n_ctx
+        self.lock = threading.RLock()
+        self.backend = backend_name()
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(model_path),
+                n_ctx=n_ctx,
+                n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0,
+                n_threads=n_threads or None,
+                seed=seed,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"cannot load model {model_path}: {exc}") from None
+        self._adapters: dict[Path, object] = {}  # loaded once, kept for hot-swapping
+        self.adapter_path: Path | None = None
+        if adapter_path is not None:
+            self.set_adapter(adapter_path)
+
+    def chat_template(self) -> str:
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ModelError(f"{self.model_path.name} has no chat template in its metadata")
+        return template
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        stop: list[str],
+        temperature: float = 0.0,
+        seed: int = 0,
+        result: Completion | None = None,
+    ) -> Iterator[str]:
+        result = result if result is not None else Completion()
+        with self.lock:
+            result.prompt_tokens = self.count_tokens(prompt)
+            start = time.perf_counter()
+            first = None
+            chunks = self.llm.create_completion(
+                prompt,
+                max_tokens=max_tokens,
+                stop=stop,
+                temperature=temperature,
+                seed=seed,
+                stream=True,
+            )
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                if first is None:
+                    first = time.perf_counter()
+                text = choice.get("text") or ""
+                if text:
+                    result.completion_tokens += 1
+                    result.text += text
+                    yield text
+                if choice.get("finish_reason"):
+                    result.finish_reason = choice["finish_reason"]
+            end = time.perf_counter()
+            result.prompt_s = (first or end) - start
+            result.gen_s = end - (first or end)
+
+    def set_adapter(self, path: Path | None, scale: float = 1.0) -> None:
+        """Switch the LoRA adapter in place: the base model stays loaded."""
+        from rpo_local import lora_runtime
+
+        with self.lock:
+            if path is not None:
+                path = Path(path)
+                if path not in self._adapters:
+                    self._adapters[path] = lora_runtime.load_adapter(self.llm, path)
+                lora_runtime.apply_adapter(self.llm, self._adapters[path], scale)
+            else:
+                lora_runtime.apply_adapter(self.llm, None, 0.0)
+            # The KV cache was computed with the old weights: drop it.
+            self.llm.reset()
+            self.adapter_path = path
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.backend,
+            "model": str(self.model_path),
+            "model_bytes": self.model_path.stat().st_size,
+            "adapter": str(self.adapter_path) if self.adapter_path else None,
+            "n_ctx": self.n_ctx,
+        }
+
+
+def open_engine(
+    config: Config | None = None,
+    *,
+    model: str | Path | None = None,
+    adapter: Path | None = None,
+) -> Engine:
+    """Load the configured (or given) GGUF model, with `adapter` applied if given."""
+    from rpo_local.config import load_config
+
+    config = config or load_config()
+    path = resolve_model_path(model or config.model or None)
+    return LlamaEngine(
+        path, n_ctx=config.n_ctx, n_threads=config.n_threads, seed=config.seed, adapter_path=adapter
+    )

@@ -1,0 +1,59 @@
+"""Error types with the exit code each one maps to on the command line.
+
+Every code is distinct so scripts can tell a bad input from a missing model.
+"""
+
+from __future__ import annotations
+
+
+class RpoError(Exception):
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InputError(RpoError):
+    """Empty, binary or undecodable input, or a bad argument value."""
+
+    exit_code = 3
+
+
+class ModelError(RpoError):
+    """Missing, unreadable or corrupt model or adapter file."""
+
+    exit_code = 4
+
+
+class ProfileNotFound(RpoError):
+    exit_code = 5
+
+
+class DatabaseError(RpoError):
+    """Database from a newer schema, or not a database at all."""
+
+    exit_code = 6
+
+
+class UpstreamError(RpoError):
+    """The base model (cloud or local upstream) failed."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, status_code: int = 502) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class NotFound(RpoError):
+    """An item, interaction or adapter id that does not exist."""
+
+    exit_code = 8
+
+
+class ConfigError(RpoError):
+    exit_code = 9
+
+
+EXIT_INTERRUPTED = 130

@@ -1,0 +1,146 @@
+"""Ordered, named schema migrations.
+
+Each migration runs once, in order, inside a transaction; its name is recorded in
+`_rpo_migrations`. A database that has a migration this code does not know was written by a
+newer rpo-local and is refused rather than silently misread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlite_utils
+
+Migration = tuple[str, Callable[[sqlite_utils.Database], None]]
+
+
+def _0001_history(db: sqlite_utils.Database) -> None:
+    db["profiles"].create(
+        {"id": int, "name": str, "created_at": str}, pk="id", not_null={"name", "created_at"}
+    )
+    db["profiles"].create_index(["name"], unique=True)
+    db["items"].create(
+        {
+            "id": int,
+            "profile_id": int,
+            "text": str,
+            "kind": str,
+            "source": str,
+            "created_at": str,
+            "digest": str,
+            "meta": str,
+        },
+        pk="id",
+        foreign_keys=[("profile_id", "profiles", "id")],
+        not_null={"profile_id", "text", "kind", "created_at", "digest"},
+    )
+    db["items"].create_index(["profile_id", "digest"], unique=True)
+    db["items"].create_index(["profile_id", "created_at"])
+    # External-content FTS5 table kept in sync by triggers, so forget deletes for real.
+    db["items"].enable_fts(["text"], create_triggers=True, tokenize="porter unicode61")
+    db["interactions"].create(
+        {
+            "id": int,
+            "profile_id": int,
+            "created_at": str,
+            "source": str,
+            "input": str,
+            "rewrite": str,
+            "trajectory": str,
+            "fallback": int,
+            "fallback_reason": str,
+            "model": str,
+            "adapter": str,
+            "retrieved_ids": str,
+            "latency_ms": float,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+        },
+        pk="id",
+        foreign_keys=[("profile_id", "profiles", "id")],
+        not_null={"profile_id", "created_at", "input", "rewrite"},
+    )
+    db["interactions"].create_index(["profile_id", "created_at"])
+    db["feedback"].create(
+        {"id": int, "interaction_id": int, "created_at": str, "verdict": str, "edited_text": str},
+        pk="id",
+        foreign_keys=[("interaction_id", "interactions", "id")],
+        not_null={"interaction_id", "created_at", "verdict"},
+    )
+
+
+def _0002_adapters(db: sqlite_utils.Database) -> None:
+    db["adapters"].create(
+        {
+            "id": int,
+            "name": str,
+            "profile_id": int,  # NULL: a general adapter usable by every profile
+            "path": str,
+            "base_model": str,
+            "base_sha256": str,
+            "created_at": str,
+            "train_summary": str,
+            "eval": str,
+        },
+        pk="id",
+        not_null={"name", "path", "created_at"},
+    )
+    db["adapters"].create_index(["name"], unique=True)
+    # Activation history per profile: the newest row not rolled back is the active adapter;
+    # adapter_id NULL means "no adapter". Rollback marks the newest row rolled back.
+    db["adapter_activations"].create(
+        {"id": int, "profile_id": int, "adapter_id": int, "activated_at": str, "rolled_back": int},
+        pk="id",
+        not_null={"profile_id", "activated_at"},
+        defaults={"rolled_back": 0},
+    )
+    db["adapter_activations"].create_index(["profile_id", "id"])
+
+
+def _0003_conversations(db: sqlite_utils.Database) -> None:
+    db["conversations"].create(
+        {"id": int, "profile_id": int, "title": str, "created_at": str, "updated_at": str},
+        pk="id",
+        not_null={"profile_id", "created_at"},
+    )
+    db["messages"].create(
+        {
+            "id": int,
+            "conversation_id": int,
+            "role": str,
+            "content": str,  # what the user saw: the personalized reply for the assistant
+            "generic": str,  # the upstream's generic reply (assistant turns)
+            "interaction_id": int,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("conversation_id", "conversations", "id")],
+        not_null={"conversation_id", "role", "content", "created_at"},
+    )
+    db["messages"].create_index(["conversation_id", "id"])
+
+
+def _0004_train_runs(db: sqlite_utils.Database) -> None:
+    db["train_runs"].create(
+        {
+            "id": int,
+            "profile_id": int,
+            "kind": str,  # sft | rl
+            "status": str,  # running | succeeded | failed | rejected
+            "started_at": str,
+            "finished_at": str,
+            "adapter_id": int,
+            "summary": str,
+            "error": str,
+        },
+        pk="id",
+        not_null={"profile_id", "kind", "status", "started_at"},
+    )
+
+
+MIGRATIONS: list[Migration] = [
+    ("0001_history", _0001_history),
+    ("0002_adapters", _0002_adapters),
+    ("0003_conversations", _0003_conversations),
+    ("0004_train_runs", _0004_train_runs),
+]

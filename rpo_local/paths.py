@@ -1,0 +1,74 @@
+"""Every filesystem location rpo-local uses, in one place.
+
+`RPO_HOME` puts everything (data, config, cache) under one directory: tests and demos use it
+to stay out of the user's real profile.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+APP = "rpo-local"
+
+
+def _home() -> Path | None:
+    value = os.environ.get("RPO_HOME")
+    return Path(value).expanduser() if value else None
+
+
+def data_dir() -> Path:
+    if home := _home():
+        return home / "data"
+    from platformdirs import user_data_path
+
+    return user_data_path(APP, appauthor=False)
+
+
+def config_dir() -> Path:
+    if home := _home():
+        return home / "config"
+    from platformdirs import user_config_path
+
+    return user_config_path(APP, appauthor=False)
+
+
+def cache_dir() -> Path:
+    if home := _home():
+        return home / "cache"
+    from platformdirs import user_cache_path
+
+    return user_cache_path(APP, appauthor=False)
+
+
+def db_path() -> Path:
+    return data_dir() / "rpo.db"
+
+
+def config_path() -> Path:
+    return config_dir() / "config.toml"
+
+
+def adapters_dir() -> Path:
+    return data_dir() / "adapters"
+
+
+def runs_dir() -> Path:
+    """Training runs: datasets, checkpoints and logs."""
+    return data_dir() / "runs"
+
+
+def all_paths() -> dict[str, Path]:
+    return {
+        "data": data_dir(),
+        "config": config_path(),
+        "database": db_path(),
+        "adapters": adapters_dir(),
+        "runs": runs_dir(),
+        "cache": cache_dir(),
+    }
+
+
+def ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,220 @@
+"""Every prompt rpo-local sends to a model, defined once and shared by inference and training.
+
+The reflection prompt asks for a structured rewriting trajectory of short tagged sections::
+
+    <style>what the user's writing shows</style>
+    <diff>how the generic reply differs from it</diff>
+    <edits>the edits to make</edits>
+    <answer>the rewritten reply</answer>
+
+The assistant turn starts with ASSISTANT_PREFIX (decoding is primed with it), so training
+targets and inference outputs have exactly the same shape. The parser is strict about the
+answer and tolerant of everything else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+SECTIONS = ("style", "diff", "edits")
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+ASSISTANT_PREFIX = "<style>"
+# Anything that closes or opens a section ends the answer (a stray tag is never output).
+ANSWER_STOPS = [ANSWER_CLOSE, "</", "<style>", "<diff>", "<edits>", ANSWER_OPEN, "<|im_end|>"]
+ITEM_MAX_CHARS = 280
+
+REFLECT_SYSTEM = (
+    "You rewrite a generic reply so that it reads as if the user wrote it, keeping its meaning. "
+    "First note the user's style, how the reply differs, and the edits to make; then give the "
+    "rewrite. Use exactly this format:\n"
+    "<style>...</style>\n<diff>...</diff>\n<edits>...</edits>\n<answer>...</answer>"
+)
+
+GENERIC_SYSTEM = "You are a helpful assistant. Answer clearly and concisely."
+
+NEUTRAL_PARAPHRASE = (
+    "Paraphrase the following text in plain, neutral, standard English, without any "
+    "explanation before or after it: {text}"
+)
+
+
+def clip(text: str, limit: int = ITEM_MAX_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def reflection_user_message(generic: str, items: Sequence[str]) -> str:
+    history = "\n".join(f"- {clip(t)}" for t in items) if items else "- (no history yet)"
+    return f"The user's writing:\n{history}\n\nGeneric reply:\n{generic.strip()}"
+
+
+def reflection_messages(generic: str, items: Sequence[str]) -> list[dict]:
+    return [
+        {"role": "system", "content": REFLECT_SYSTEM},
+        {"role": "user", "content": reflection_user_message(generic, items)},
+    ]
+
+
+def format_trajectory(style: str, diff: str, edits: str, answer: str) -> str:
+    """The assistant's full turn (starting with ASSISTANT_PREFIX): the training target."""
+    return (
+        f"<style>{style.strip()}</style>\n<diff>{diff.strip()}</diff>\n"
+        f"<edits>{edits.strip()}</edits>\n{ANSWER_OPEN}{answer.strip()}{ANSWER_CLOSE}"
+    )
+
+
+def generic_messages(question: str, system: str = GENERIC_SYSTEM) -> list[dict]:
+    """The non-personalized base-model prompt (offline upstream and the `base` eval method)."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def neutral_paraphrase_messages(text: str) -> list[dict]:
+    """Ask the base model for a neutral version of the user's own text (training data)."""
+    return generic_messages(NEUTRAL_PARAPHRASE.format(text=text.strip()))
+
+
+# -- LaMP's per-task prompts with retrieved profile items (the `context` baseline) -------------
+
+def lamp_context_prompt(task: str, question: str, items: Sequence[dict]) -> str:
+    """LaMP's profile-augmented prompt format (Salemi et al. 2023, Table 5) for tasks 4, 5, 7."""
+    task = task.replace("LaMP_", "").replace("LaMP-", "")
+    if task == "4":
+        ctx = ", and ".join(f'"{clip(i.get("title", ""))}" is the title for "{clip(i.get("text", ""))}"' for i in items)
+    elif task == "5":
+        ctx = ", and ".join(f'"{clip(i.get("title", ""))}" is a title for "{clip(i.get("abstract", ""))}"' for i in items)
+    elif task == "7":
+        ctx = ", and ".join(f'"{clip(i.get("text", ""))}"' for i in items)
+        return f"{ctx} are written by a person. Following the given patterns {question}" if items else question
+    else:
+        raise ValueError(f"LaMP task {task!r} is not a generation task this harness supports")
+    return f"{ctx}. Following the given patterns {question}" if items else question
+
+
+# -- chat templates ---------------------------------------------------------------------------
+
+@lru_cache(maxsize=8)
+def _compile(template: str):  # noqa: ANN202 - jinja2 type
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    return env.from_string(template)
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
+def render_chat(template: str, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+    """Render `messages` with the model's own Jinja chat template (as transformers does)."""
+    return _compile(template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token="", eos_token=""
+    )
+
+
+def reflection_prompt(template: str, generic: str, items: Sequence[str]) -> str:
+    """The exact text the reflection model continues (ends with ASSISTANT_PREFIX)."""
+    return render_chat(template, reflection_messages(generic, items)) + ASSISTANT_PREFIX
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+@dataclass
+class Trajectory:
+    style: str = ""
+    diff: str = ""
+    edits: str = ""
+    answer: str | None = None
+    problem: str | None = None  # why there is no usable answer
+    raw: str = field(default="", repr=False)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "raw"}
+
+
+_TAG = re.compile(r"</?(?:style|diff|edits|answer)>")
+
+
+def _section(text: str, name: str) -> str:
+    match = re.search(rf"<{name}>(.*?)(?=</{name}>|<(?:style|diff|edits|answer)>|$)", text, re.S)
+    return match.group(1).strip() if match else ""
+
+
+def parse_trajectory(raw: str, *, truncated: bool = False) -> Trajectory:
+    """Parse a trajectory (which starts with ASSISTANT_PREFIX).
+
+    `truncated` says generation stopped at its token limit inside the answer: the answer is
+    then incomplete and is refused.
+    """
+    traj = Trajectory(raw=raw, **{name: _section(raw, name) for name in SECTIONS})
+    start = raw.find(ANSWER_OPEN)
+    if start < 0:
+        traj.problem = "no <answer> section"
+        return traj
+    body = raw[start + len(ANSWER_OPEN) :]
+    end = _TAG.search(body)
+    if end is None and truncated:
+        traj.problem = "answer cut off at the token limit"
+        return traj
+    answer = (body[: end.start()] if end else body).strip()
+    if not answer:
+        traj.problem = "empty answer"
+        return traj
+    if not any(ch.isalnum() for ch in answer):
+        traj.problem = "answer has no words"
+        return traj
+    traj.answer = answer
+    return traj
+
+
+class AnswerStreamer:
+    """Turns streamed answer-phase text into text safe to print as it arrives.
+
+    It holds back only a tail that could be the start of a stop tag (so `<3` is printed once
+    the next character shows it is not a tag) and trailing whitespace, so what is printed is
+    exactly the answer that `parse_trajectory` returns.
+    """
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self._started = False
+        self.done = False
+
+    def feed(self, chunk: str) -> str:
+        if self.done:
+            return ""
+        text = self._pending + chunk
+        if not self._started:
+            text = text.lstrip()
+            if not text:
+                self._pending = ""
+                return ""
+            self._started = True
+        for stop in ANSWER_STOPS:
+            idx = text.find(stop)
+            if idx >= 0:
+                self.done = True
+                self._pending = ""
+                return text[:idx].rstrip()
+        emit = text[: len(text) - _partial_stop_suffix(text)]
+        emit = emit.rstrip()
+        self._pending = text[len(emit) :]
+        return emit
+
+    def flush(self) -> str:
+        out, self._pending = self._pending.rstrip(), ""
+        return "" if self.done else out
+
+
+def _partial_stop_suffix(text: str) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in ANSWER_STOPS:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                best = max(best, n)
+                break
+    return best

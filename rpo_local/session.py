@@ -1,0 +1,54 @@
+"""Assembling the pipeline for one profile: store, engine with the right adapter, reflector.
+
+The CLI, the TUI and the daemon all go through here, so they resolve models and adapters
+the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rpo_local.adapters import resolve_adapter
+from rpo_local.config import Config, load_config
+from rpo_local.errors import ModelError
+
+if TYPE_CHECKING:
+    from rpo_local.reflect import Reflector
+    from rpo_local.store import Store
+
+
+def adapter_for(store: Store, profile: str, adapter: str | None) -> Path | None:
+    """An explicit choice ('none', a registered name/id, or a file), else the profile's own."""
+    if adapter is None:
+        return resolve_adapter(store, profile)
+    if adapter == "none":
+        return None
+    path = Path(adapter).expanduser()
+    if path.suffix == ".gguf" or path.exists():
+        if not path.is_file():
+            raise ModelError(f"adapter file not found: {path}")
+        return path
+    return Path(store.get_adapter(adapter)["path"])
+
+
+def open_reflector(
+    config: Config | None = None,
+    *,
+    profile: str | None = None,
+    model: str | Path | None = None,
+    adapter: str | None = None,
+    store: Store | None = None,
+) -> Reflector:
+    """A ready Reflector for `profile`; the profile must exist (checked before the model loads)."""
+    from rpo_local import engine as engine_mod
+    from rpo_local.reflect import Reflector
+    from rpo_local.store import Store
+
+    config = config or load_config()
+    profile = profile or config.profile
+    store = store or Store.open()
+    store.get_profile(profile)
+    adapter_path = adapter_for(store, profile, adapter)
+    eng = engine_mod.open_engine(config, model=model, adapter=adapter_path)
+    return Reflector(store, eng, config)

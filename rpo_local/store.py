@@ -1,0 +1,401 @@
+"""The local history store: profiles, their writing, interactions, feedback and adapters.
+
+One SQLite file (see `rpo_local.paths.db_path`), accessed through sqlite-utils. All methods
+are safe to call from several threads of one process (a lock serialises writes), and every
+multi-row change is one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from rpo_local import paths
+from rpo_local.db import connect, now
+from rpo_local.errors import InputError, NotFound, ProfileNotFound
+
+KINDS = ("chat", "email", "tweet", "note", "post", "message", "review", "edit", "other")
+VERDICTS = ("accepted", "edited", "rejected")
+
+
+@dataclass(frozen=True)
+class Profile:
+    id: int
+    name: str
+
+
+def digest(text: str) -> str:
+    return hashlib.sha1(text.strip().encode("utf-8")).hexdigest()
+
+
+class Store:
+    def __init__(self, db: sqlite_utils.Database, path: Path | None = None) -> None:
+        self.db = db
+        self.path = path
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, path: Path | str | None = None) -> Store:
+        path = Path(path) if path is not None else paths.db_path()
+        return cls(connect(path), path)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _one(self, sql: str, params: Iterable[Any] = ()) -> dict | None:
+        rows = list(self.db.query(sql, list(params)))
+        return rows[0] if rows else None
+
+    # -- profiles -----------------------------------------------------------------------------
+
+    def ensure_profile(self, name: str) -> Profile:
+        name = name.strip()
+        if not name:
+            raise InputError("profile name must not be empty")
+        with self._lock:
+            row = self._one("select id, name from profiles where name = ?", [name])
+            if row is None:
+                pid = self.db["profiles"].insert({"name": name, "created_at": now()}).last_pk
+                return Profile(pid, name)
+            return Profile(row["id"], row["name"])
+
+    def get_profile(self, name: str) -> Profile:
+        row = self._one("select id, name from profiles where name = ?", [name])
+        if row is None:
+            known = ", ".join(p["name"] for p in self.list_profiles()) or "none yet"
+            raise ProfileNotFound(
+                f"unknown profile {name!r} (known: {known}); add history with "
+                f"`rpo history add --profile {name}` to create it"
+            )
+        return Profile(row["id"], row["name"])
+
+    def list_profiles(self) -> list[dict]:
+        return list(
+            self.db.query(
+                "select p.id, p.name, p.created_at, count(i.id) as items from profiles p "
+                "left join items i on i.profile_id = p.id group by p.id order by p.name"
+            )
+        )
+
+    # -- history items ------------------------------------------------------------------------
+
+    def add_item(
+        self,
+        profile: str,
+        text: str,
+        *,
+        kind: str = "note",
+        source: str | None = None,
+        created_at: str | None = None,
+        meta: dict | None = None,
+    ) -> int | None:
+        """Add one item; return its id, or None when the profile already holds that text."""
+        added = self.add_items(
+            profile,
+            [{"text": text, "kind": kind, "source": source, "created_at": created_at, "meta": meta}],
+        )
+        return added[0] if added else None
+
+    def add_items(self, profile: str, items: Iterable[dict]) -> list[int]:
+        """Add many items in one transaction; exact duplicates (per profile) are skipped."""
+        pid = self.ensure_profile(profile).id
+        ids: list[int] = []
+        with self.transaction():
+            for item in items:
+                text = (item.get("text") or "").strip()
+                if not text:
+                    continue
+                kind = item.get("kind") or "note"
+                if kind not in KINDS:
+                    raise InputError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+                cur = self.db.execute(
+                    "insert or ignore into items (profile_id, text, kind, source, created_at, "
+                    "digest, meta) values (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        pid,
+                        text,
+                        kind,
+                        item.get("source"),
+                        item.get("created_at") or now(),
+                        digest(text),
+                        json.dumps(item["meta"]) if item.get("meta") else None,
+                    ],
+                )
+                if cur.rowcount:
+                    ids.append(cur.lastrowid)
+        return ids
+
+    def list_items(
+        self, profile: str, *, limit: int = 50, offset: int = 0, kind: str | None = None
+    ) -> list[dict]:
+        pid = self.get_profile(profile).id
+        where, params = "profile_id = ?", [pid]
+        if kind:
+            where, params = where + " and kind = ?", params + [kind]
+        return list(
+            self.db.query(
+                f"select id, text, kind, source, created_at from items where {where} "
+                "order by created_at desc, id desc limit ? offset ?",
+                params + [limit, offset],
+            )
+        )
+
+    def count_items(self, profile: str) -> int:
+        pid = self.get_profile(profile).id
+        return self.db.execute("select count(*) from items where profile_id = ?", [pid]).fetchone()[0]
+
+    def get_item(self, item_id: int) -> dict:
+        row = self._one(
+            "select i.id, p.name as profile, i.text, i.kind, i.source, i.created_at, i.meta "
+            "from items i join profiles p on p.id = i.profile_id where i.id = ?",
+            [item_id],
+        )
+        if row is None:
+            raise NotFound(f"no history item with id {item_id}")
+        return row
+
+    def get_items(self, ids: Iterable[int]) -> list[dict]:
+        ids = list(ids)
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        rows = {
+            r["id"]: r
+            for r in self.db.query(
+                f"select id, text, kind, source, created_at from items where id in ({marks})", ids
+            )
+        }
+        return [rows[i] for i in ids if i in rows]
+
+    def search_items(self, profile: str, query: str, *, limit: int = 20) -> list[dict]:
+        """Full-text search as a person types it: every word must match (prefix allowed)."""
+        from rpo_local.retrieve import fts_phrase_query
+
+        fts = fts_phrase_query(query)
+        if not fts:
+            return []
+        pid = self.get_profile(profile).id
+        return list(
+            self.db.query(
+                "select items.id, items.text, items.kind, items.source, items.created_at, "
+                "bm25(items_fts) as score from items_fts join items on items.id = items_fts.rowid "
+                "where items_fts match ? and items.profile_id = ? order by score, items.id desc "
+                "limit ?",
+                [fts, pid, limit],
+            )
+        )
+
+    def forget_item(self, item_id: int) -> dict:
+        """Delete an item for real: the row and (through the FTS triggers) its index entry."""
+        item = self.get_item(item_id)
+        with self.transaction():
+            self.db.execute("delete from items where id = ?", [item_id])
+        return item
+
+    # -- interactions and feedback ------------------------------------------------------------
+
+    def record_interaction(self, profile: str, **fields: Any) -> int:
+        pid = self.ensure_profile(profile).id
+        row = {"profile_id": pid, "created_at": now(), **fields}
+        for key in ("trajectory", "retrieved_ids"):
+            if key in row and not isinstance(row[key], str) and row[key] is not None:
+                row[key] = json.dumps(row[key])
+        if "fallback" in row:
+            row["fallback"] = int(bool(row["fallback"]))
+        with self._lock:
+            return self.db["interactions"].insert(row).last_pk
+
+    def get_interaction(self, interaction_id: int) -> dict:
+        row = self._one(
+            "select x.*, p.name as profile from interactions x join profiles p "
+            "on p.id = x.profile_id where x.id = ?",
+            [interaction_id],
+        )
+        if row is None:
+            raise NotFound(f"no interaction with id {interaction_id}")
+        for key in ("trajectory", "retrieved_ids"):
+            if row.get(key):
+                row[key] = json.loads(row[key])
+        return row
+
+    def list_interactions(self, profile: str, *, limit: int = 20) -> list[dict]:
+        pid = self.get_profile(profile).id
+        return list(
+            self.db.query(
+                "select id, created_at, source, input, rewrite, fallback, fallback_reason, "
+                "adapter, latency_ms from interactions where profile_id = ? "
+                "order by id desc limit ?",
+                [pid, limit],
+            )
+        )
+
+    def add_feedback(self, interaction_id: int, verdict: str, edited_text: str | None = None) -> int:
+        """Record feedback; an edit is also kept as history, since it is the user's own words."""
+        if verdict not in VERDICTS:
+            raise InputError(f"verdict must be one of {', '.join(VERDICTS)}")
+        if verdict == "edited" and not (edited_text or "").strip():
+            raise InputError("an 'edited' verdict needs the edited text")
+        interaction = self.get_interaction(interaction_id)
+        with self.transaction():
+            fid = self.db["feedback"].insert(
+                {
+                    "interaction_id": interaction_id,
+                    "created_at": now(),
+                    "verdict": verdict,
+                    "edited_text": edited_text,
+                }
+            ).last_pk
+            kept = edited_text if verdict == "edited" else interaction["rewrite"]
+            if verdict in ("edited", "accepted") and kept and kept.strip():
+                self.db.execute(
+                    "insert or ignore into items (profile_id, text, kind, source, created_at, "
+                    "digest) values (?, ?, 'edit', ?, ?, ?)",
+                    [interaction["profile_id"], kept.strip(), f"feedback:{fid}", now(), digest(kept)],
+                )
+        return fid
+
+    def list_feedback(self, profile: str, *, since: str | None = None) -> list[dict]:
+        pid = self.get_profile(profile).id
+        sql = (
+            "select f.id, f.interaction_id, f.created_at, f.verdict, f.edited_text, x.input, "
+            "x.rewrite from feedback f join interactions x on x.id = f.interaction_id "
+            "where x.profile_id = ?"
+        )
+        params: list[Any] = [pid]
+        if since:
+            sql, params = sql + " and f.created_at > ?", params + [since]
+        return list(self.db.query(sql + " order by f.id", params))
+
+    # -- adapters -----------------------------------------------------------------------------
+
+    def register_adapter(
+        self,
+        name: str,
+        path: str | Path,
+        *,
+        profile: str | None = None,
+        base_model: str | None = None,
+        base_sha256: str | None = None,
+        train_summary: dict | None = None,
+        eval: dict | None = None,
+    ) -> int:
+        pid = self.ensure_profile(profile).id if profile else None
+        with self._lock:
+            return self.db["adapters"].insert(
+                {
+                    "name": name,
+                    "profile_id": pid,
+                    "path": str(path),
+                    "base_model": base_model,
+                    "base_sha256": base_sha256,
+                    "created_at": now(),
+                    "train_summary": json.dumps(train_summary) if train_summary else None,
+                    "eval": json.dumps(eval) if eval else None,
+                },
+                replace=False,
+            ).last_pk
+
+    def get_adapter(self, ref: str | int) -> dict:
+        col = "id" if isinstance(ref, int) or str(ref).isdigit() else "name"
+        row = self._one(f"select * from adapters where {col} = ?", [ref])
+        if row is None:
+            raise NotFound(f"no adapter {ref!r}; see `rpo adapters list`")
+        return _decode_adapter(row)
+
+    def list_adapters(self, profile: str | None = None) -> list[dict]:
+        if profile is None:
+            rows = self.db.query("select * from adapters order by id")
+        else:
+            pid = self.get_profile(profile).id
+            rows = self.db.query(
+                "select * from adapters where profile_id is null or profile_id = ? order by id",
+                [pid],
+            )
+        return [_decode_adapter(r) for r in rows]
+
+    def set_active_adapter(self, profile: str, adapter_id: int | None) -> None:
+        """Make `adapter_id` (None: no adapter) the profile's active adapter."""
+        pid = self.ensure_profile(profile).id
+        if adapter_id is not None:
+            self.get_adapter(adapter_id)
+        with self._lock:
+            self.db["adapter_activations"].insert(
+                {"profile_id": pid, "adapter_id": adapter_id, "activated_at": now(), "rolled_back": 0}
+            )
+
+    def active_activation(self, profile: str) -> dict | None:
+        """The newest activation not rolled back; None when the profile never chose one."""
+        pid = self.ensure_profile(profile).id
+        return self._one(
+            "select * from adapter_activations where profile_id = ? and rolled_back = 0 "
+            "order by id desc limit 1",
+            [pid],
+        )
+
+    def active_adapter(self, profile: str) -> dict | None:
+        row = self.active_activation(profile)
+        if row is None or row["adapter_id"] is None:
+            return None
+        return self.get_adapter(row["adapter_id"])
+
+    def rollback_adapter(self, profile: str) -> dict | None:
+        """Undo the newest activation; return the adapter now active (None: none)."""
+        row = self.active_activation(profile)
+        if row is None:
+            raise NotFound(f"profile {profile!r} has no adapter activation to roll back")
+        with self._lock:
+            self.db.execute("update adapter_activations set rolled_back = 1 where id = ?", [row["id"]])
+        return self.active_adapter(profile)
+
+    def remove_adapter(self, ref: str | int) -> dict:
+        adapter = self.get_adapter(ref)
+        in_use = self._one(
+            "select a.profile_id from adapter_activations a where a.rolled_back = 0 and a.id in "
+            "(select max(id) from adapter_activations where rolled_back = 0 group by profile_id) "
+            "and a.adapter_id = ?",
+            [adapter["id"]],
+        )
+        if in_use:
+            raise InputError(f"adapter {adapter['name']!r} is active; activate another first")
+        with self.transaction():
+            self.db.execute("delete from adapter_activations where adapter_id = ?", [adapter["id"]])
+            self.db.execute("delete from adapters where id = ?", [adapter["id"]])
+        return adapter
+
+    # -- summary ------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        tables = ["profiles", "items", "interactions", "feedback", "adapters", "conversations"]
+        return {t: self.db[t].count for t in tables}
+
+
+def _decode_adapter(row: dict) -> dict:
+    for key in ("train_summary", "eval"):
+        if row.get(key):
+            row[key] = json.loads(row[key])
+    return row

@@ -1,0 +1,72 @@
+"""Shared fixtures: an isolated RPO_HOME per test, the fake engine, the real embedded model,
+and the LaMP-7 data from ../shared (read at run time, never copied)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fakes import FakeEngine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LAMP7 = Path(os.environ.get("RPO_LAMP7", ROOT.parent / "shared" / "data" / "lamp7" / "dev.jsonl"))
+
+
+@pytest.fixture(autouse=True)
+def rpo_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own RPO_HOME: database, config and adapters under tmp_path."""
+    home = tmp_path / "rpo-home"
+    monkeypatch.setenv("RPO_HOME", str(home))
+    for var in [v for v in os.environ if v.startswith("RPO_") and v not in ("RPO_HOME", "RPO_LAMP7")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("ORT_DISABLE_TELEMETRY", "1")
+    return home
+
+
+@pytest.fixture
+def store(rpo_home):
+    from rpo_local.store import Store
+
+    with Store.open() as s:
+        yield s
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def use_fake_engine(monkeypatch, fake_engine):
+    """Make every `open_engine` call (CLI included) return the fake engine."""
+    import rpo_local.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "open_engine", lambda *a, **k: fake_engine)
+    return fake_engine
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    from rpo_local.models import embedded_model_path
+
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def real_engine(model_path):
+    """The embedded SmolLM2-135M-Instruct through llama.cpp, loaded once per session."""
+    from rpo_local.engine import LlamaEngine
+
+    return LlamaEngine(model_path, n_ctx=2048)
+
+
+@pytest.fixture(scope="session")
+def lamp7() -> Path:
+    if not LAMP7.is_file():
+        pytest.skip(f"LaMP-7 data not found at {LAMP7}")
+    return LAMP7
