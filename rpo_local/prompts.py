@@ -83,6 +83,7 @@ def lamp_context_prompt(task: str, question: str, items: Sequence[dict]) -> str:
     task = task.replace("LaMP_", "").replace("LaMP-", "")
     if task == "4":
         ctx = ", and ".join(f'"{clip(i.get("title", ""))}" is the title for "{clip(i.get("text", ""))}"' for i in items)
+        return f"{ctx}. {question}" if items else question  # LaMP-4 has no "Following the given patterns"
     elif task == "5":
         ctx = ", and ".join(f'"{clip(i.get("title", ""))}" is a title for "{clip(i.get("abstract", ""))}"' for i in items)
     elif task == "7":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 
 from rpo_local.cli import history, misc, rewrite
@@ -34,22 +33,31 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps errors to exit codes, Ctrl-C to 130, a closed pipe to silence."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="rpo", standalone_mode=False)
+        code = command.main(args=argv, prog_name="rpo", standalone_mode=False)
     except RpoError as exc:
         misc.err(f"Error: {exc.message}")
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort as exc:
-        if isinstance(exc.__context__, KeyboardInterrupt):
-            sys.exit(EXIT_INTERRUPTED)
-        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, and keep Python's exit flush quiet too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except Exception as exc:
+        sys.exit(_click_exit_code(exc))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_exit_code(exc: Exception) -> int:
+    """Exit code for click's own exceptions (usage errors, aborts).
+
+    Matched by behaviour rather than class: recent Typer vendors its own copy of click.
+    """
+    if isinstance(exc.__context__, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+        exc.show()
+        return exc.exit_code
+    if hasattr(exc, "exit_code"):
+        return exc.exit_code
+    raise exc

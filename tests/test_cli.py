@@ -1,0 +1,156 @@
+"""CLI discipline with the fake engine: stdout holds only the result, stderr the rest, and
+each kind of bad input has its own exit code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture
+def ann(cli):
+    r = cli("history", "add", "--profile", "ann", "--kind", "tweet", "walking the dog lol", "pizza w/ the crew")
+    assert r.code == 0, r
+    return cli
+
+
+def test_rewrite_stdout_is_only_the_rewrite(ann, use_fake_engine):
+    r = ann("rewrite", "--profile", "ann", stdin=b"The Dog Needs A Walk.\n")
+    assert r.code == 0 and r.stdout == "the dog needs a walk.\n"
+    r = ann("rewrite", "--profile", "ann", "-t", "--no-stream", stdin=b"Hello There.")
+    assert r.stdout == "hello there.\n" and "style: writes in lowercase" in r.stderr
+
+
+def test_rewrite_json(ann, use_fake_engine):
+    r = ann("rewrite", "--profile", "ann", "--json", stdin=b"Hello There.")
+    doc = json.loads(r.stdout)
+    assert doc["rewrite"] == "hello there." and doc["interaction_id"] == 1 and doc["fallback"] is False
+    assert {"trajectory", "retrieved", "prompt_s", "gen_s", "total_s", "prompt_tokens"} <= set(doc)
+
+
+def test_rewrite_to_file_is_atomic(ann, use_fake_engine, tmp_path):
+    out = tmp_path / "outdir" / "out.txt"
+    out.parent.mkdir()
+    out.write_text("previous")
+    r = ann("rewrite", "--profile", "ann", "-o", str(out), stdin=b"Hello There.")
+    assert r.code == 0 and r.stdout == "" and out.read_text() == "hello there.\n"
+    assert [p.name for p in out.parent.iterdir()] == ["out.txt"]  # no temporary left behind
+
+
+def test_rewrite_file_argument_and_no_log(ann, use_fake_engine, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("From A File.")
+    r = ann("rewrite", str(src), "--profile", "ann", "--no-log")
+    assert r.stdout == "from a file.\n"
+    assert json.loads(ann("log", "--profile", "ann", "--json").stdout) == []
+
+
+@pytest.mark.parametrize(
+    ("stdin", "code", "message"),
+    [
+        (b"", 3, "input is empty"),
+        (b"  \n\t ", 3, "input is empty"),
+        (b"caf\xe9 au lait", 3, "not valid UTF-8"),
+        (b"\x00\x01\x02binary", 3, "binary data"),
+    ],
+)
+def test_bad_input(ann, use_fake_engine, stdin, code, message):
+    r = ann("rewrite", "--profile", "ann", stdin=stdin)
+    assert r.code == code and message in r.stderr and r.stdout == ""
+    assert use_fake_engine.prompts == []
+
+
+def test_tty_stdin_is_a_usage_error_not_a_hang(ann, use_fake_engine):
+    r = ann("rewrite", "--profile", "ann", tty=True)
+    assert r.code == 2 and "no input" in r.stderr and r.stdout == ""
+
+
+def test_unknown_profile(ann, use_fake_engine):
+    r = ann("rewrite", "--profile", "ghost", stdin=b"Hi.")
+    assert r.code == 5 and "unknown profile 'ghost'" in r.stderr
+
+
+def test_missing_model(ann):
+    r = ann("rewrite", "--profile", "ann", "--model", "/nonexistent/model.gguf", stdin=b"Hi.")
+    assert r.code == 4 and "model file not found" in r.stderr
+
+
+def test_newer_database_schema(ann, rpo_home):
+    import sqlite3
+
+    conn = sqlite3.connect(rpo_home / "data" / "rpo.db")
+    conn.execute("insert into _rpo_migrations values ('9999_future', 'now')")
+    conn.commit()
+    r = ann("history", "list", "--profile", "ann")
+    assert r.code == 6 and "newer rpo-local" in r.stderr
+
+
+def test_history_verbs(ann, tmp_path):
+    r = ann("history", "list", "--profile", "ann", "--json")
+    rows = json.loads(r.stdout)
+    assert sorted(x["text"] for x in rows) == ["pizza w/ the crew", "walking the dog lol"]
+    r = ann("history", "search", "dog", "--profile", "ann")
+    assert r.stdout.count("\n") == 1 and "walking the dog lol" in r.stdout
+    item = rows[0]["id"]
+    assert json.loads(ann("history", "show", str(item), "--json").stdout)["id"] == item
+    assert ann("history", "forget", str(item)).code == 0
+    assert ann("history", "show", str(item)).code == 8
+    assert ann("history", "forget", "12345").code == 8
+
+
+def test_history_add_from_stdin_and_file(cli, tmp_path):
+    r = cli("history", "add", stdin="a note from stdin ✓".encode())
+    assert r.code == 0 and r.stdout.strip() == "1" and "added 1 item" in r.stderr
+    f = tmp_path / "mail.txt"
+    f.write_text("Dear team,\nthanks!")
+    assert cli("history", "add", "-f", str(f), "--kind", "email").stdout.strip() == "2"
+    assert cli("history", "add", "--kind", "spaceship", "x").code == 3
+
+
+def test_history_import_formats(cli, tmp_path):
+    md = tmp_path / "notes.md"
+    md.write_text("first para\n\nsecond para\n\n\nthird")
+    jl = tmp_path / "items.jsonl"
+    jl.write_text('{"text": "from jsonl", "kind": "email"}\n\n{"content": "also content"}\n')
+    import sqlite3
+
+    logs = tmp_path / "logs.db"
+    conn = sqlite3.connect(logs)
+    conn.execute("create table responses (id text, model text, prompt text, response text, datetime_utc text)")
+    conn.execute("insert into responses values ('1', 'gpt-4o', 'explain monads like im 5 pls', 'ok', '2024-01-01')")
+    conn.execute("insert into responses values ('2', 'gpt-4o', '', 'x', '2024-01-02')")
+    conn.commit()
+    conn.close()
+    r = cli("history", "import", str(md), str(jl), str(logs), "--json")
+    assert r.code == 0 and len(json.loads(r.stdout)["added"]) == 6
+    texts = {x["text"]: x["kind"] for x in json.loads(cli("history", "list", "--json").stdout)}
+    assert texts["explain monads like im 5 pls"] == "chat" and texts["from jsonl"] == "email" and "third" in texts
+    # A re-import adds nothing.
+    assert json.loads(cli("history", "import", str(md), "--json").stdout)["skipped"] == 3
+
+
+def test_history_import_malformed_jsonl_names_file_and_line(cli, tmp_path):
+    jl = tmp_path / "bad.jsonl"
+    jl.write_text('{"text": "fine"}\n{not json}\n')
+    r = cli("history", "import", str(jl))
+    assert r.code == 3 and f"{jl}:2" in r.stderr
+    assert cli("profiles", "list", "--json").stdout.strip() == "[]"  # nothing half-imported
+
+
+def test_feedback_and_log(ann, use_fake_engine):
+    ann("rewrite", "--profile", "ann", stdin=b"Good Morning.")
+    log = json.loads(ann("log", "--profile", "ann", "--json").stdout)
+    assert log[0]["rewrite"] == "good morning."
+    assert ann("feedback", str(log[0]["id"]), "edited", "--text", "gm fam").code == 0
+    assert ann("feedback", str(log[0]["id"]), "meh").code == 3
+    assert "gm fam" in ann("history", "list", "--profile", "ann").stdout
+
+
+def test_paths_and_config(cli, rpo_home):
+    paths = json.loads(cli("paths", "--json").stdout)
+    assert paths["database"] == str(rpo_home / "data" / "rpo.db")
+    assert cli("config", "set", "k", "7").code == 0
+    assert json.loads(cli("config", "show", "--json").stdout)["k"] == 7
+    assert cli("config", "set", "k", "seven").code == 9
+    assert cli("config", "set", "nope", "1").code == 9

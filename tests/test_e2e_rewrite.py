@@ -1,0 +1,144 @@
+"""End to end with the real parts: the embedded SmolLM2 model through llama.cpp, a real SQLite
+file, the real `rpo` process. Assertions are on properties, never on exact model text."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.model
+
+PERSONA = [
+    "omg cant believe its friday already lol",
+    "ugh my phone died again... so annoying",
+    "watching movies all nite w/ the girls :) best sat ever",
+    "need sleep sooo bad haha",
+    "work was sooo long today, home now finally",
+]
+GENERIC = "I am very tired today, but I still have a lot of work to finish before the weekend.\n"
+
+
+def rpo(*args: str, stdin: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rpo_local", *args], input=stdin, capture_output=True, timeout=timeout,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+
+
+@pytest.fixture
+def persona(rpo_home):
+    r = rpo("history", "add", "--profile", "sam", "--kind", "tweet", *PERSONA)
+    assert r.returncode == 0, r.stderr
+    return rpo_home / "data" / "rpo.db"
+
+
+def interactions(db) -> list[dict]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    return [dict(r) for r in conn.execute("select * from interactions order by id")]
+
+
+def test_pipe_through_rewrite(persona):
+    r = rpo("rewrite", "--profile", "sam", stdin=GENERIC.encode())
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert out.strip() and out.endswith("\n") and out.count("\n") >= 1
+    # stdout holds only the rewrite: no tags, no notes, no llama.cpp logs.
+    assert "<answer>" not in out and "<style>" not in out and "rpo:" not in out and "llama" not in out
+    rows = interactions(persona)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["input"] == GENERIC and row["rewrite"] == out.strip() and row["source"] == "cli"
+    assert row["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and row["latency_ms"] > 0
+    ids = json.loads(row["retrieved_ids"])
+    assert 1 <= len(ids) <= 4
+    if row["fallback"]:
+        assert row["rewrite"] == GENERIC.strip() and row["fallback_reason"]
+        assert "keeping the generic text" in r.stderr.decode()
+
+
+def test_json_document_and_trajectory(persona):
+    r = rpo("rewrite", "--profile", "sam", "--json", "--k", "2", stdin=GENERIC.encode())
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert len(doc["retrieved"]) == 2 and all(item["text"] in PERSONA for item in doc["retrieved"])
+    assert doc["prompt_tokens"] > 50 and doc["completion_tokens"] > 0 and doc["total_s"] > 0
+    assert set(doc["trajectory"]) >= {"style", "diff", "edits", "answer", "problem"}
+    assert doc["rewrite"] == (GENERIC.strip() if doc["fallback"] else doc["trajectory"]["answer"])
+
+
+def test_fallback_keeps_the_generic_text_with_the_real_model(persona):
+    # One token of budget for the answer phase forces a cut-off answer: the generic text must survive.
+    r = rpo("rewrite", "--profile", "sam", "--no-stream", stdin=GENERIC.encode())
+    assert r.returncode == 0
+    env_small = {**os.environ, "RPO_TRAJECTORY_TOKENS": "1", "RPO_N_CTX": "256"}
+    long = ("This is a sentence that repeats to make a long generic reply. " * 60).encode()
+    r = subprocess.run([sys.executable, "-m", "rpo_local", "rewrite", "--profile", "sam", "--no-stream", "--json"],
+                       input=long, capture_output=True, timeout=300, env=env_small)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert "chunks" in r.stderr.decode() and isinstance(doc["trajectory"], list)
+    # Nothing of the user's text is lost: every chunk is either rewritten or kept verbatim.
+    assert doc["rewrite"].strip()
+
+
+def test_ctrl_c_exits_130_without_traceback_and_database_survives(persona):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rpo_local", "rewrite", "--profile", "sam"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    proc.stdin.write(("A very long generic reply that keeps going. " * 40).encode())
+    proc.stdin.close()
+    time.sleep(1.5)  # the model is loaded and generating
+    proc.send_signal(signal.SIGINT)
+    proc.stdin = None  # already closed: communicate must not flush it
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"Traceback" not in err
+    assert rpo("history", "list", "--profile", "sam", "--json").returncode == 0
+    assert len(json.loads(rpo("history", "list", "--profile", "sam", "--json").stdout)) == len(PERSONA)
+
+
+def test_closed_stdout_pipe_exits_quietly(persona):
+    rpo("history", "add", "--profile", "sam", *[f"line number {i}" for i in range(3000)])
+    cmd = f"{sys.executable} -m rpo_local history list --profile sam -n 3000 | head -n 1"
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, timeout=60)
+    assert b"Traceback" not in r.stderr and b"BrokenPipe" not in r.stderr
+    assert r.stdout.count(b"\n") == 1
+
+
+def test_tty_stdin_gives_usage_error(persona):
+    master, slave = pty.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-m", "rpo_local", "rewrite", "--profile", "sam"],
+                           stdin=slave, capture_output=True, timeout=30)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert r.returncode == 2 and b"no input" in r.stderr and r.stdout == b""
+
+
+def test_doctor_reports_backend_model_and_counts(persona):
+    r = rpo("doctor", "--profile", "sam", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["backend"] in ("CPU", "CUDA", "Metal") and doc["model"]["bytes"] > 50_000_000
+    assert doc["database"]["counts"]["items"] == len(PERSONA) and doc["problems"] == []
+
+
+def test_help_does_not_import_heavy_modules():
+    code = (
+        "import sys; from rpo_local.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('llama_cpp', 'torch', 'transformers', 'textual', 'fastapi') if m in sys.modules]\n"
+        "print('HEAVY=' + ','.join(heavy))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.decode().strip().splitlines()[-1] == "HEAVY="

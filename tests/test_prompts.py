@@ -1,0 +1,78 @@
+"""The one definition of the reflection prompt, the trajectory format and its parser."""
+
+from __future__ import annotations
+
+import pytest
+
+from fakes import SMOLLM2_TEMPLATE
+from rpo_local import prompts
+
+
+def test_chat_template_uses_the_system_role():
+    text = prompts.render_chat(SMOLLM2_TEMPLATE, prompts.reflection_messages("Hello there.", ["yo"]))
+    assert text.startswith("<|im_start|>system\n" + prompts.REFLECT_SYSTEM + "<|im_end|>")
+    assert "SmolLM" not in text  # the template's default system prompt is replaced, not added
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_template_default_system_when_none_given():
+    text = prompts.render_chat(SMOLLM2_TEMPLATE, [{"role": "user", "content": "hi"}])
+    assert "SmolLM" in text
+
+
+def test_reflection_prompt_holds_items_and_generic_and_primes_style():
+    p = prompts.reflection_prompt(SMOLLM2_TEMPLATE, "The meeting is at noon.", ["lol ok", "see u there"])
+    assert "- lol ok\n- see u there" in p and "Generic reply:\nThe meeting is at noon." in p
+    assert p.endswith("<|im_start|>assistant\n" + prompts.ASSISTANT_PREFIX)
+
+
+def test_long_items_are_clipped():
+    p = prompts.reflection_user_message("x", ["word " * 500])
+    assert len(p) < 400 and "…" in p
+
+
+def test_format_then_parse_roundtrip():
+    raw = prompts.format_trajectory("lowercase, emoticons", "generic is formal", "lowercase; add :)", "see u at noon :)")
+    assert raw.startswith(prompts.ASSISTANT_PREFIX)
+    traj = prompts.parse_trajectory(raw)
+    assert (traj.style, traj.diff, traj.edits, traj.answer) == (
+        "lowercase, emoticons", "generic is formal", "lowercase; add :)", "see u at noon :)")
+    assert traj.problem is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("<style>casual</style><diff>x</diff>", "no <answer> section"),
+        ("<style>casual</style><answer>   </answer>", "empty answer"),
+        ("<style>casual<answer>...</answer>", "answer has no words"),
+        ("", "no <answer> section"),
+    ],
+)
+def test_parser_is_strict_about_the_answer(raw, problem):
+    traj = prompts.parse_trajectory(raw)
+    assert traj.answer is None and traj.problem == problem
+
+
+def test_parser_is_tolerant_of_everything_else():
+    traj = prompts.parse_trajectory("<style>chatty <diff>missing closers <answer>hey you <3")
+    assert traj.answer == "hey you <3" and traj.style == "chatty" and traj.diff == "missing closers"
+    # Unclosed answer cut by the token limit is refused.
+    assert prompts.parse_trajectory("<style>a<answer>hey you", truncated=True).answer is None
+    # A stray section after the answer ends it.
+    assert prompts.parse_trajectory("<answer>hi there<style>again").answer == "hi there"
+
+
+def test_answer_streamer_matches_parser_and_keeps_heart_emoticons():
+    chunks = [" hey", " there <", "3 you", "  ", "</an", "swer>", "junk"]
+    s = prompts.AnswerStreamer()
+    streamed = "".join(s.feed(c) for c in chunks) + s.flush()
+    parsed = prompts.parse_trajectory("<answer>" + "".join(chunks)).answer
+    assert streamed == parsed == "hey there <3 you"
+
+
+def test_lamp_context_prompt_task7():
+    p = prompts.lamp_context_prompt("LaMP_7", "Paraphrase the following tweet without any explanation before or after it: hi", [{"text": "a"}, {"text": "b"}])
+    assert p.startswith('"a", and "b" are written by a person.')
+    with pytest.raises(ValueError):
+        prompts.lamp_context_prompt("LaMP_1", "q", [])

@@ -1,0 +1,73 @@
+"""Reflector with the fake engine: retrieval into the prompt, streaming, fallback, chunking."""
+
+from __future__ import annotations
+
+import pytest
+
+from fakes import FakeEngine, generic_of
+from rpo_local.config import Config
+from rpo_local.errors import ProfileNotFound
+from rpo_local.reflect import Reflector
+
+
+@pytest.fixture
+def ann(store):
+    store.add_items("ann", [{"text": "dog walk in the rain lol"}, {"text": "pizza w/ the crew"}])
+    return store
+
+
+def test_rewrite_streams_records_and_uses_retrieved_items(ann, fake_engine):
+    pieces: list[str] = []
+    r = Reflector(ann, fake_engine, Config()).rewrite("The Dog needs a walk.", "ann", on_text=pieces.append)
+    assert r.rewrite == "the dog needs a walk." == "".join(pieces)
+    assert not r.fallback and r.trajectory["style"] == "writes in lowercase"
+    assert "- dog walk in the rain lol" in fake_engine.prompts[0]
+    row = ann.get_interaction(r.interaction_id)
+    assert row["rewrite"] == r.rewrite and row["retrieved_ids"] == [x["id"] for x in r.retrieved]
+    assert row["fallback"] == 0 and row["model"] == "fake-model.gguf"
+
+
+def test_no_answer_falls_back_to_generic_and_says_so(ann):
+    engine = FakeEngine(lambda p: "I like turtles.")  # ends its turn with no <answer>
+    notes, pieces = [], []
+    r = Reflector(ann, engine, Config()).rewrite("Keep This Text.", "ann", on_text=pieces.append, on_note=notes.append)
+    assert r.fallback and r.rewrite == "Keep This Text." == "".join(pieces)
+    assert r.fallback_reason == "no <answer> section" and "keeping the generic text" in notes[0]
+    assert ann.get_interaction(r.interaction_id)["fallback"] == 1
+
+
+def test_analysis_out_of_budget_still_gets_an_answer(ann):
+    def responder(prompt: str) -> str:
+        return "ok done</answer>" if prompt.endswith("<answer>") else "blah " * 500
+
+    r = Reflector(ann, FakeEngine(responder), Config(trajectory_tokens=10)).rewrite("Hi.", "ann")
+    assert r.rewrite == "ok done" and not r.fallback
+
+
+def test_truncated_answer_without_streaming_falls_back(ann):
+    def responder(prompt: str) -> str:
+        return "very " * 1000 if prompt.endswith("<answer>") else "x</style><answer>"
+
+    r = Reflector(ann, FakeEngine(responder), Config()).rewrite("Short reply.", "ann")
+    assert r.fallback and r.rewrite == "Short reply." and "cut off" in r.fallback_reason
+
+
+def test_unknown_profile_fails_before_generation(store, fake_engine):
+    with pytest.raises(ProfileNotFound):
+        Reflector(store, fake_engine, Config()).rewrite("x", "ghost")
+    assert fake_engine.prompts == []
+
+
+def test_long_input_is_chunked_and_nothing_lost(ann):
+    engine = FakeEngine(lambda p: (generic_of(p).upper() + "</answer>") if p.endswith("<answer>") else "s</style><answer>", n_ctx=512)
+    paragraphs = [f"Paragraph {i} " + "word " * 60 for i in range(6)]
+    text = "\n\n".join(paragraphs)
+    notes: list[str] = []
+    r = Reflector(ann, engine, Config()).rewrite(text, "ann", on_note=notes.append)
+    assert "chunks" in notes[0] and isinstance(r.trajectory, list) and len(r.trajectory) > 1
+    assert r.rewrite.split() == text.upper().split()  # every word of the input made it through
+
+
+def test_no_log_records_nothing(ann, fake_engine):
+    r = Reflector(ann, fake_engine, Config()).rewrite("Hello.", "ann", log=False)
+    assert r.interaction_id is None and ann.counts()["interactions"] == 0

@@ -1,0 +1,47 @@
+"""BM25 retrieval over FTS5 with recency fallback."""
+
+from __future__ import annotations
+
+from rpo_local.retrieve import content_words, fts_or_query, retrieve
+
+
+def test_content_words_drop_stopwords_and_duplicates():
+    assert content_words("The cat and THE other cat's dog, I think!") == ["cat", "cat's", "dog", "think"]
+    assert fts_or_query("the and of") == ""
+
+
+def test_bm25_ranks_matching_items_first(store):
+    store.add_items(
+        "ann",
+        [
+            {"text": "my dog ate my homework again", "created_at": "2020-01-01"},
+            {"text": "pizza night with friends", "created_at": "2020-01-02"},
+            {"text": "walked the dog in the rain, dog was soaked", "created_at": "2020-01-03"},
+            {"text": "new phone finally arrived", "created_at": "2020-01-04"},
+        ],
+    )
+    hits = retrieve(store, "ann", "Your dog needs a walk after the rain.", k=2)
+    assert [h["text"] for h in hits] == ["walked the dog in the rain, dog was soaked", "my dog ate my homework again"]
+
+
+def test_recency_fills_when_nothing_matches(store):
+    store.add_items(
+        "ann",
+        [{"text": f"item {i}", "created_at": f"2020-01-0{i}"} for i in range(1, 6)],
+    )
+    hits = retrieve(store, "ann", "quantum chromodynamics", k=3)
+    assert [h["text"] for h in hits] == ["item 5", "item 4", "item 3"]
+
+
+def test_partial_matches_are_topped_up_by_recency_without_duplicates(store):
+    store.add_items("ann", [{"text": "coffee time", "created_at": "2020-01-01"},
+                            {"text": "late again", "created_at": "2020-01-05"},
+                            {"text": "sunny", "created_at": "2020-01-03"}])
+    hits = retrieve(store, "ann", "more coffee please", k=3)
+    assert [h["text"] for h in hits] == ["coffee time", "late again", "sunny"]
+
+
+def test_k_zero_and_punctuation_only_query(store):
+    store.add_item("ann", "hello")
+    assert retrieve(store, "ann", "hello", k=0) == []
+    assert [h["text"] for h in retrieve(store, "ann", '"*) OR NEAR(', k=2)] == ["hello"]
