@@ -136,20 +136,22 @@ class LlamaEngine:
                 seed=seed,
                 stream=True,
             )
-            for chunk in chunks:
-                choice = chunk["choices"][0]
-                if first is None:
-                    first = time.perf_counter()
-                text = choice.get("text") or ""
-                if text:
-                    result.completion_tokens += 1
-                    result.text += text
-                    yield text
-                if choice.get("finish_reason"):
-                    result.finish_reason = choice["finish_reason"]
-            end = time.perf_counter()
-            result.prompt_s = (first or end) - start
-            result.gen_s = end - (first or end)
+            try:
+                for chunk in chunks:
+                    choice = chunk["choices"][0]
+                    if first is None:
+                        first = time.perf_counter()
+                    text = choice.get("text") or ""
+                    if text:
+                        result.completion_tokens += 1
+                        result.text += text
+                        yield text
+                    if choice.get("finish_reason"):
+                        result.finish_reason = choice["finish_reason"]
+            finally:  # also when the caller stops early (GeneratorExit)
+                end = time.perf_counter()
+                result.prompt_s = (first or end) - start
+                result.gen_s = end - (first or end)
 
     def set_adapter(self, path: Path | None, scale: float = 1.0) -> None:
         """Switch the LoRA adapter in place: the base model stays loaded."""
