@@ -393,6 +393,103 @@ class Store:
         tables = ["profiles", "items", "interactions", "feedback", "adapters", "conversations"]
         return {t: self.db[t].count for t in tables}
 
+    # -- conversations (rpo chat) -------------------------------------------------------------
+
+    def create_conversation(self, profile: str, title: str | None = None) -> int:
+        pid = self.ensure_profile(profile).id
+        stamp = now()
+        with self._lock:
+            return self.db["conversations"].insert(
+                {"profile_id": pid, "title": title, "created_at": stamp, "updated_at": stamp}
+            ).last_pk
+
+    def get_conversation(self, conversation_id: int) -> dict:
+        row = self._one(
+            "select c.*, p.name as profile from conversations c join profiles p "
+            "on p.id = c.profile_id where c.id = ?",
+            [conversation_id],
+        )
+        if row is None:
+            raise NotFound(f"no conversation with id {conversation_id}")
+        return row
+
+    def list_conversations(self, profile: str, *, limit: int = 50) -> list[dict]:
+        """A profile's conversations, most recently used first, with their message counts."""
+        pid = self.get_profile(profile).id
+        return list(
+            self.db.query(
+                "select c.id, c.title, c.created_at, c.updated_at, count(m.id) as messages "
+                "from conversations c left join messages m on m.conversation_id = c.id "
+                "where c.profile_id = ? group by c.id order by c.updated_at desc, c.id desc limit ?",
+                [pid, limit],
+            )
+        )
+
+    def latest_conversation(self, profile: str) -> dict | None:
+        rows = self.list_conversations(profile, limit=1)
+        return rows[0] if rows else None
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        generic: str | None = None,
+        interaction_id: int | None = None,
+    ) -> int:
+        """Append a message; the first user message also titles an untitled conversation."""
+        if role not in ("user", "assistant", "system"):
+            raise InputError(f"unknown message role {role!r}")
+        conv = self.get_conversation(conversation_id)
+        stamp = now()
+        with self.transaction():
+            mid = self.db["messages"].insert(
+                {
+                    "conversation_id": conversation_id,
+                    "role": role,
+                    "content": content,
+                    "generic": generic,
+                    "interaction_id": interaction_id,
+                    "created_at": stamp,
+                }
+            ).last_pk
+            title = conv["title"] or (" ".join(content.split())[:60] if role == "user" else None)
+            self.db.execute(
+                "update conversations set updated_at = ?, title = ? where id = ?",
+                [stamp, title, conversation_id],
+            )
+        return mid
+
+    def update_message(self, message_id: int, content: str) -> None:
+        """Replace what a message shows (an assistant turn the user edited)."""
+        with self._lock:
+            cur = self.db.execute("update messages set content = ? where id = ?", [content, message_id])
+        if not cur.rowcount:
+            raise NotFound(f"no message with id {message_id}")
+
+    def get_messages(self, conversation_id: int) -> list[dict]:
+        """Messages in order; assistant turns carry their interaction's trajectory, retrieved
+        item ids, fallback flag and the newest feedback verdict (None before any)."""
+        self.get_conversation(conversation_id)
+        rows = list(
+            self.db.query(
+                "select m.id, m.role, m.content, m.generic, m.interaction_id, m.created_at, "
+                "x.trajectory, x.retrieved_ids, x.fallback, x.fallback_reason, "
+                "(select f.verdict from feedback f where f.interaction_id = m.interaction_id "
+                "order by f.id desc limit 1) as verdict "
+                "from messages m left join interactions x on x.id = m.interaction_id "
+                "where m.conversation_id = ? order by m.id",
+                [conversation_id],
+            )
+        )
+        for row in rows:
+            for key in ("trajectory", "retrieved_ids"):
+                row[key] = json.loads(row[key]) if row.get(key) else None
+        return rows
+
+    # -- end of conversations -----------------------------------------------------------------
+
 
 def _decode_adapter(row: dict) -> dict:
     for key in ("train_summary", "eval"):

@@ -70,3 +70,37 @@ def lamp7() -> Path:
     if not LAMP7.is_file():
         pytest.skip(f"LaMP-7 data not found at {LAMP7}")
     return LAMP7
+
+
+class CliResult:
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.code, self.stdout, self.stderr = code, stdout, stderr
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, stdout={self.stdout!r}, stderr={self.stderr!r})"
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    """Run `rpo ARGS` in-process with bytes on stdin; returns exit code, stdout and stderr apart."""
+    import io
+
+    from rpo_local.cli import main
+
+    def run(*args: str, stdin: bytes | None = b"", tty: bool = False) -> CliResult:
+        class In(io.TextIOWrapper):
+            def isatty(self) -> bool:
+                return tty
+
+        out, err = io.StringIO(), io.StringIO()
+        monkeypatch.setattr(sys, "stdin", In(io.BytesIO(stdin or b""), encoding="utf-8"))
+        monkeypatch.setattr(sys, "stdout", out)
+        monkeypatch.setattr(sys, "stderr", err)
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return CliResult(code, out.getvalue(), err.getvalue())
+
+    return run
