@@ -130,6 +130,12 @@ class Reflector:
             )
         return result
 
+    def rewrite_with_items(self, generic: str, items: list[str]) -> ChunkResult:
+        """Rewrite a short text with the given context items: no retrieval, nothing recorded
+        (held-out evaluation, where the target must not be retrieved as its own context)."""
+        with self.engine.lock:
+            return self._rewrite_chunk(generic, items, None, lambda _msg: None)
+
     # -- one chunk ------------------------------------------------------------------------------
 
     def _fit_items(self, generic: str, items: list[str]) -> tuple[str, list[str]]:

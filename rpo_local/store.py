@@ -37,18 +37,35 @@ def digest(text: str) -> str:
 
 
 class Store:
-    def __init__(self, db: sqlite_utils.Database, path: Path | None = None) -> None:
-        self.db = db
-        self.path = path
+    """The database of one user's machine. Each thread gets its own SQLite connection (a
+    connection is not safe to share); writes also take an in-process lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
         self._lock = threading.RLock()
+        self._local = threading.local()
+        self._connections: list[sqlite_utils.Database] = []
+        _ = self.db  # open and migrate now, so a bad database fails here
 
     @classmethod
     def open(cls, path: Path | str | None = None) -> Store:
-        path = Path(path) if path is not None else paths.db_path()
-        return cls(connect(path), path)
+        return cls(Path(path) if path is not None else paths.db_path())
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = connect(self.path)
+            with self._lock:
+                self._connections.append(db)
+        return db
 
     def close(self) -> None:
-        self.db.conn.close()
+        with self._lock:
+            for db in self._connections:
+                db.conn.close()
+            self._connections.clear()
+        self._local = threading.local()
 
     def __enter__(self) -> Store:
         return self

@@ -132,3 +132,31 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     conn = sqlite3.connect(path)
     assert conn.execute("select count(*) from interactions").fetchone()[0] == 100
     json.dumps(Store.open(path).counts())
+
+
+def test_one_store_shared_by_many_threads(tmp_path):
+    """The daemon shares a Store between request threads: mixed reads and writes must not clash."""
+    import threading
+
+    store = Store.open(tmp_path / "shared.db")
+    store.add_item("ann", "seed item about coffee")
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(15):
+                store.add_items("ann", [{"text": f"coffee note {n}-{i}"}])
+                store.search_items("ann", "coffee")
+                iid = store.record_interaction("ann", input=f"{n}-{i}", rewrite="x")
+                store.add_feedback(iid, "rejected")
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.counts()["items"] == 1 + 6 * 15 and store.counts()["feedback"] == 6 * 15
+    store.close()

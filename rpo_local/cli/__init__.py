@@ -12,7 +12,11 @@ import sys
 
 import typer
 
-from rpo_local.cli import history, misc, rewrite
+from rpo_local.cli import chat, history, misc, rewrite
+from rpo_local.cli import eval as eval_cli
+from rpo_local.cli import serve as serve_cli
+from rpo_local.cli import adapters as adapters_cli
+from rpo_local.cli import train as train_cli
 from rpo_local.errors import EXIT_INTERRUPTED, RpoError
 
 app = typer.Typer(
@@ -24,9 +28,14 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("rewrite")(rewrite.rewrite)
+app.command("serve")(serve_cli.serve)
+app.command("chat")(chat.chat)
 app.add_typer(history.app, name="history")
 app.add_typer(history.profiles_app, name="profiles")
 misc.register(app)
+app.command("eval")(eval_cli.eval_cmd)
+app.add_typer(train_cli.app, name="train")
+app.add_typer(adapters_cli.app, name="adapters")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,6 +85,9 @@ def doctor(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
             adapter = resolve_adapter(store, name)
             report["adapter"] = str(adapter) if adapter else None
             report["training"] = _training_status(store, name)
+            from rpo_local.scheduler import summary
+
+            report["auto_training"] = summary(store, config, name)
     except RpoError as exc:
         report["problems"].append(exc.message)
     if json_out:
@@ -106,6 +109,14 @@ def _training_status(store, profile: str) -> dict | None:  # noqa: ANN001
     return rows[0] if rows else None
 
 
+def _auto_training(info: dict | None) -> str | None:
+    if not info:
+        return None
+    when = "interval passed" if info["interval_ok"] else f"not before {info['next_run_earliest']}"
+    last = (info.get("last_run") or {}).get("status") or "no run yet"
+    return f"{info['new_material']}/{info['needed']} new items, {when}; last scheduled run: {last}"
+
+
 def _print_report(report: dict) -> None:
     model = report.get("model") or {}
     db = report.get("database") or {}
@@ -116,6 +127,7 @@ def _print_report(report: dict) -> None:
         ("database", db.get("path")),
         ("counts", ", ".join(f"{k} {v}" for k, v in (db.get("counts") or {}).items())),
         ("last training", report.get("training") or "never"),
+        ("auto-training", _auto_training(report.get("auto_training"))),
     ]
     for key, value in lines:
         print(f"{key:>14}: {value}")

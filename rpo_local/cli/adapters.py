@@ -1,0 +1,127 @@
+"""`rpo adapters`: the versioned LoRA adapters a profile can run with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rpo_local.cli._common import JsonOpt, ProfileOpt, note, open_store, print_json, profile_name
+
+app = typer.Typer(help="List, activate, roll back and remove LoRA adapters.", no_args_is_help=True)
+
+
+def _builtin_entry() -> dict | None:
+    from rpo_local.adapters import BUILTIN_NAME, builtin_adapter_path
+
+    path = builtin_adapter_path()
+    return {"id": None, "name": BUILTIN_NAME, "path": str(path), "profile": None, "builtin": True} if path else None
+
+
+def _in_use(store, profile: str) -> str | None:  # noqa: ANN001 - Store
+    """The name of the adapter `profile` runs with now (None: the bare base model)."""
+    from rpo_local.adapters import BUILTIN_NAME, resolve_adapter
+
+    activation = store.active_activation(profile)
+    if activation is not None:
+        return store.get_adapter(activation["adapter_id"])["name"] if activation["adapter_id"] else None
+    return BUILTIN_NAME if resolve_adapter(store, profile) else None
+
+
+@app.command("list")
+def list_(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
+    """Adapters usable by the profile (general ones and its own); * marks the one in use."""
+    name = profile_name(profile)
+    with open_store() as store:
+        store.get_profile(name)
+        rows = store.list_adapters(name)
+        active = _in_use(store, name)
+    builtin = _builtin_entry()
+    if any(r["name"] == (builtin or {}).get("name") for r in rows):
+        builtin = None  # registered already: listed with the others
+    entries = ([builtin] if builtin else []) + [
+        {**r, "builtin": False, "exists": Path(r["path"]).is_file()} for r in rows
+    ]
+    for e in entries:
+        e["active"] = e["name"] == active
+    if json_out:
+        print_json({"profile": name, "active": active, "adapters": entries})
+        return
+    if not entries:
+        note("no adapters yet: `rpo train sft` makes one")
+    for e in entries:
+        r1 = ((e.get("eval") or {}).get("heldout_after") or {}).get("rouge1")
+        print("\t".join([
+            "*" if e["active"] else " ", e["name"], e.get("created_at") or "builtin",
+            f"R1={r1}" if r1 is not None else "", e["path"],
+        ]))
+    if active is None:
+        note(f"profile {name!r} runs the bare base model")
+
+
+@app.command("activate")
+def activate(
+    adapter: Annotated[str, typer.Argument(help="Adapter name or id, or 'none' for the bare base model")],
+    profile: ProfileOpt = None,
+) -> None:
+    """Make ADAPTER the profile's adapter (verified to load in llama.cpp first)."""
+    from rpo_local import lora_runtime
+    from rpo_local.adapters import BUILTIN_NAME
+    from rpo_local.config import load_config
+    from rpo_local.models import resolve_model_path
+
+    name = profile_name(profile)
+    with open_store() as store:
+        store.get_profile(name)
+        if adapter == "none":
+            store.set_active_adapter(name, None)
+            note(f"profile {name!r} now runs the bare base model")
+            return
+        row = _builtin_row(store) if adapter == BUILTIN_NAME else store.get_adapter(adapter)
+        lora_runtime.verify_adapter(resolve_model_path(load_config().model or None), Path(row["path"]))
+        store.set_active_adapter(name, row["id"])
+    note(f"profile {name!r} now uses adapter {row['name']!r}")
+
+
+def _builtin_row(store) -> dict:  # noqa: ANN001 - Store
+    """The shipped adapter as a registry row (registered on first explicit use, so that
+    activations and rollbacks can refer to it)."""
+    from rpo_local.adapters import BUILTIN_NAME, builtin_adapter_path
+    from rpo_local.errors import NotFound
+
+    try:
+        return store.get_adapter(BUILTIN_NAME)
+    except NotFound:
+        path = builtin_adapter_path()
+        if path is None:
+            raise NotFound(f"this installation ships no {BUILTIN_NAME!r} adapter") from None
+        store.register_adapter(BUILTIN_NAME, path, train_summary={"builtin": True})
+        return store.get_adapter(BUILTIN_NAME)
+
+
+@app.command("rollback")
+def rollback(profile: ProfileOpt = None) -> None:
+    """Undo the profile's last activation: the adapter before it is active again."""
+    name = profile_name(profile)
+    with open_store() as store:
+        store.get_profile(name)
+        store.rollback_adapter(name)
+        now_using = _in_use(store, name)
+    note(f"profile {name!r} now uses " + (f"adapter {now_using!r}" if now_using else "the bare base model"))
+
+
+@app.command("remove")
+def remove(
+    adapter: Annotated[str, typer.Argument(help="Adapter name or id")],
+    keep_file: Annotated[bool, typer.Option("--keep-file", help="Unregister only; leave the file")] = False,
+) -> None:
+    """Unregister an adapter that no profile uses and delete its file (if rpo made it)."""
+    from rpo_local import paths
+
+    with open_store() as store:
+        row = store.remove_adapter(adapter)
+    path = Path(row["path"])
+    if not keep_file and path.parent.resolve() == paths.adapters_dir().resolve():
+        path.unlink(missing_ok=True)
+    note(f"removed adapter {row['name']!r}")

@@ -1,0 +1,162 @@
+"""`rpo eval`: score personalization on LaMP, side by side with the baselines, in one run."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rpo_local.cli._common import JsonOpt, note, print_json
+from rpo_local.errors import EXIT_INTERRUPTED, InputError, ModelError
+from rpo_local.lamp import MAX_ANSWER_TOKENS
+
+ALL_METHODS = "copy,base,context,rpo,rpo+adapter"
+
+
+def eval_cmd(
+    data: Annotated[Path | None, typer.Argument(help="LaMP JSONL (one user per line), or a questions JSON with --outputs")] = None,
+    questions: Annotated[Path | None, typer.Option("--questions", help="LaMP questions JSON (two-file layout)")] = None,
+    outputs: Annotated[Path | None, typer.Option("--outputs", help="LaMP outputs JSON with the golds (two-file layout)")] = None,
+    task: Annotated[str | None, typer.Option("--task", help="LaMP task 4, 5 or 7 [default: from the file]")] = None,
+    methods: Annotated[str | None, typer.Option("--methods", help=f"Comma-separated, any of {ALL_METHODS} [default: all that can run]")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="GGUF LoRA adapter (name, id or path) for rpo+adapter [default: the builtin one]")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Evaluate N users")] = None,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="Skip the first N users")] = 0,
+    k: Annotated[int | None, typer.Option("--k", "-k", min=0, help="Profile items retrieved [default: configured]")] = None,
+    rpo_input: Annotated[str | None, typer.Option("--rpo-input", help="What rpo rewrites: 'input' (LaMP-7's neutral text) or 'base' (the base answer)")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=8, help="Token limit of base and context answers")] = MAX_ANSWER_TOKENS,
+    predictions_dir: Annotated[Path | None, typer.Option("--predictions-dir", help="Write <task>-<method>.json LaMP predictions files here")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a bar chart of the methods (PNG)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Save each finished user here; rerunning with it resumes")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="GGUF model [default: the embedded one]")] = None,
+    json_out: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr")] = False,
+) -> None:
+    """Evaluate copy, base, context, rpo and rpo+adapter on LaMP (ROUGE-1/ROUGE-L, mean over users).
+
+    The Markdown table (or with --json one JSON document) goes to stdout. Ctrl-C stops the run and still writes what was finished, marked partial.
+    """
+    from rpo_local import evaluate, lamp
+
+    dataset = lamp.load(data, questions=questions, outputs=outputs, task=task)
+    adapter_path = _adapter_path(adapter)
+    method_list = evaluate.parse_methods(methods or _default_methods(adapter_path))
+    if "rpo+adapter" not in method_list:
+        adapter_path = None
+    users = lamp.select(dataset.users, offset=offset, limit=limit)
+    if not users:
+        raise InputError(f"{dataset.source}: no users left after --offset {offset}")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise InputError(f"--plot {plot}: the chart is written as PNG; give a .png file name")
+    method_list, rpo_input = evaluate.check_options(
+        dataset.task, method_list, adapter=adapter_path, rpo_input=rpo_input, k=0 if k is None else k
+    )
+    needs_model = set(method_list) - {"copy"} or rpo_input == "base"
+    engine = _open_engine(model) if needs_model else _NoEngine()
+    if not quiet:
+        note(f"{dataset.task}: {len(users)} users, methods {', '.join(method_list)}")
+    interrupted = False
+    with _progress(len(users), quiet) as on_progress:
+        try:
+            report = evaluate.run_eval(
+                dataset, engine, methods=method_list, adapter=adapter_path, k=k, offset=offset, limit=limit,
+                rpo_input=rpo_input, max_tokens=max_tokens, on_progress=on_progress, checkpoint=checkpoint,
+            )
+        except evaluate.EvalInterrupted as exc:
+            report, interrupted = exc.report, True
+    _write_outputs(report, predictions_dir, plot, json_out, quiet)
+    if interrupted:
+        note(f"interrupted: results cover {report.completed} of {report.selected} users (partial)")
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _adapter_path(adapter: str | None) -> Path | None:
+    """The adapter for rpo+adapter: --adapter (a file, or a name/id registered in the store), else the builtin one."""
+    from rpo_local.adapters import builtin_adapter_path
+
+    if adapter is None:
+        return builtin_adapter_path()
+    if adapter == "none":
+        return None
+    candidate = Path(adapter).expanduser()
+    if candidate.suffix == ".gguf" or candidate.exists():
+        if not candidate.is_file():
+            raise ModelError(f"adapter file not found: {candidate}")
+        return candidate
+    from rpo_local.store import Store
+
+    with Store.open() as store:
+        return Path(store.get_adapter(adapter)["path"])
+
+
+def _default_methods(adapter: Path | None) -> str:
+    return ALL_METHODS if adapter is not None else ALL_METHODS.replace(",rpo+adapter", "")
+
+
+def _open_engine(model: Path | None):  # noqa: ANN202 - keeps llama_cpp out of CLI start-up
+    from rpo_local.engine import open_engine
+
+    return open_engine(model=model)
+
+
+class _NoEngine:
+    """Stands in for the model when only `copy` runs (it needs none)."""
+
+    model_path = Path("none")
+    adapter_path = None
+
+
+@contextmanager
+def _progress(total: int, quiet: bool) -> Iterator:
+    """A progress bar with ETA on stderr (plain lines when stderr is not a terminal)."""
+    if quiet:
+        yield None
+        return
+    if not sys.stderr.isatty():
+        start, step, first = time.perf_counter(), max(1, total // 20), []
+
+        def line(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if not first:  # the rate is measured from the first report (a resumed run starts past zero)
+                first.extend((now, done))
+            if done % step == 0 or done == total:
+                rate = (now - first[0]) / (done - first[1]) if done > first[1] else None
+                eta = f", ETA {rate * (total - done):.0f}s" if rate is not None else ""
+                note(f"eval {done}/{total} users, {now - start:.0f}s elapsed{eta}")
+
+        yield line
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("users"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=Console(stderr=True),
+    ) as bar:
+        job = bar.add_task("eval", total=total)
+        yield lambda done, _total: bar.update(job, completed=done)
+
+
+def _write_outputs(report, predictions_dir: Path | None, plot: Path | None, json_out: bool, quiet: bool) -> None:  # noqa: ANN001
+    doc = report.to_dict(per_user=json_out)
+    if predictions_dir is not None:
+        written = report.write_predictions(predictions_dir)
+        doc["predictions"] = {m: str(p) for m, p in written.items()}
+        if not quiet:
+            note(f"predictions written to {predictions_dir}")
+    if plot is not None:
+        report.plot(plot)
+        doc["plot"] = str(plot)
+        if not quiet:
+            note(f"chart written to {plot}")
+    if json_out:
+        print_json(doc)
+    else:
+        sys.stdout.write(report.markdown() + "\n")
+        sys.stdout.flush()

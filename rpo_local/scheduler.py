@@ -1,0 +1,332 @@
+"""Periodic local fine-tuning inside the daemon.
+
+When a profile has gathered enough new material since its last training run (new history
+items, which include accepted and edited rewrites, plus rejected rewrites), and the minimum
+interval has passed, the scheduler starts `rpo train auto` as a separate, low-priority
+process, so serving never waits for training. When that run reports `"activated"`, the
+daemon switches the reflection engine to the profile's new adapter between requests.
+
+Watermarks (the newest item/feedback ids already trained on) and the last run of each profile
+are kept in `scheduler.json` beside the database, so a restart neither retrains on old
+material nor forgets when the last run was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rpo_local import paths
+from rpo_local.config import Config
+from rpo_local.db import now
+from rpo_local.fsutil import atomic_write_text
+
+if TYPE_CHECKING:
+    from rpo_local.store import Store
+
+STATE_FILE = "scheduler.json"
+NICE = 10
+Switch = Callable[[str], None]
+CommandFactory = Callable[[str], Sequence[str]]
+
+
+def train_command(profile: str) -> list[str]:
+    """The real training verb; prints one JSON object on stdout."""
+    return [sys.executable, "-m", "rpo_local", "train", "auto", "--profile", profile, "--json"]
+
+
+def state_path() -> Path:
+    return paths.data_dir() / STATE_FILE
+
+
+def read_state(path: Path | None = None) -> dict:
+    """The persisted scheduler state ({} when there is none or it is unreadable)."""
+    path = path or state_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def parse_report(stdout: str) -> dict | None:
+    """The JSON object a training run printed (pretty-printed or on one line), if any."""
+    text = stdout.strip()
+    try:
+        data = json.loads(text)
+        return data if isinstance(data, dict) else None
+    except ValueError:
+        pass
+    decoder = json.JSONDecoder()
+    for i in range(len(text) - 1, -1, -1):  # the last complete object wins
+        if text[i] == "{":
+            try:
+                data, end = decoder.raw_decode(text, i)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and not text[end:].strip():
+                return data
+    return None
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        stamp = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
+def low_priority(cmd: Sequence[str]) -> tuple[list[str], dict]:
+    """`cmd` made to run at low CPU priority, and the matching Popen keyword arguments."""
+    if os.name == "nt":
+        return list(cmd), {"creationflags": subprocess.BELOW_NORMAL_PRIORITY_CLASS}
+    nice = shutil.which("nice")
+    return ([nice, "-n", str(NICE), *cmd] if nice else list(cmd)), {}
+
+
+class TrainScheduler:
+    """Watches every profile and runs one training process at a time."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        *,
+        switch: Switch | None = None,
+        command: CommandFactory = train_command,
+        check_s: float = 60.0,
+        state_file: Path | None = None,
+        log_dir: Path | None = None,
+        persist: bool = True,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.switch = switch
+        self.command = command
+        self.check_s = check_s
+        self.state_file = state_file or state_path()
+        self.log_dir = log_dir or paths.runs_dir()
+        self.persist = persist
+        self.state: dict[str, Any] = read_state(self.state_file)
+        self.state.setdefault("profiles", {})
+        self._lock = threading.RLock()  # the state, and `store`'s connection (status() comes from other threads)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen | None = None
+        self._running: dict | None = None  # the run in progress: profile, started_at, files
+        self._last_check: str | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="rpo-train-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop watching; a training run still going is terminated (its output is discarded)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def wake(self) -> None:
+        """Check now rather than at the next tick (new material arrived)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception as exc:  # a scheduler bug must never take the daemon down
+                print(f"rpo: training scheduler: {exc!r}", file=sys.stderr, flush=True)
+            self._wake.wait(1.0 if self._proc is not None else self.check_s)
+            self._wake.clear()
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Collect a finished run, or start one for the first profile that is due."""
+        with self._lock:
+            self._tick()
+
+    def _tick(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                return
+            self._finish()
+        self._last_check = now()
+        for profile in [p["name"] for p in self.store.list_profiles()]:
+            if self._due(profile):
+                self._launch(profile)
+                return
+
+    def _due(self, profile: str) -> bool:
+        info = self.profile_status(profile)
+        return info["new_material"] >= info["needed"] and info["interval_ok"]
+
+    def _launch(self, profile: str) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        base = self.log_dir / f"auto-{re.sub(r'[^A-Za-z0-9_.-]', '_', profile)}-{stamp}"
+        out_path, log_path = base.with_suffix(".json"), base.with_suffix(".log")
+        marks = self._current_marks(profile)
+        cmd, extra = low_priority(self.command(profile))
+        started = now()
+        try:
+            with open(out_path, "wb") as out, open(log_path, "wb") as log:
+                # A new session: Ctrl-C in the daemon's terminal is handled by the daemon, which
+                # then terminates the run itself.
+                self._proc = subprocess.Popen(
+                    cmd, stdout=out, stderr=log, stdin=subprocess.DEVNULL,
+                    start_new_session=os.name == "posix", **extra,
+                )
+        except OSError as exc:  # recorded as a failed run, so the interval applies before a retry
+            self.state["profiles"].setdefault(profile, {})["last_run"] = {
+                "started_at": started, "finished_at": now(), "status": "failed", "adapter": None,
+                "reason": f"cannot start {cmd[0]}: {exc.strerror or exc}", "figures": {}, "returncode": None,
+                "log": None,
+            }
+            self._save()
+            return
+        self._running = {
+            "profile": profile, "started_at": started, "pid": self._proc.pid,
+            "stdout": str(out_path), "log": str(log_path), "marks": marks,
+        }
+        print(f"rpo: training run started for profile {profile!r} (pid {self._proc.pid}, log {log_path})",
+              file=sys.stderr, flush=True)
+
+    def _finish(self) -> None:
+        run, proc = self._running or {}, self._proc
+        assert proc is not None
+        self._proc, self._running = None, None
+        stdout = Path(run["stdout"]).read_text(encoding="utf-8", errors="replace")
+        report = parse_report(stdout) or {}
+        status = report.get("status") if report.get("status") in {"activated", "rejected", "skipped", "failed"} else "failed"
+        reason = report.get("reason") or (
+            None if proc.returncode == 0 and report else f"exit code {proc.returncode}, no JSON report"
+        )
+        last = {
+            "started_at": run["started_at"], "finished_at": now(), "status": status,
+            "adapter": report.get("adapter"), "reason": reason, "figures": report.get("figures") or {},
+            "returncode": proc.returncode, "log": run["log"],
+        }
+        profile = run["profile"]
+        with self._lock:
+            entry = self.state["profiles"].setdefault(profile, {})
+            entry["last_run"] = last
+            if status in ("activated", "rejected"):  # else the material stays for the next attempt
+                entry["marks"] = run["marks"]
+            self._save()
+        print(f"rpo: training run for {profile!r}: {status} ({reason or 'ok'})", file=sys.stderr, flush=True)
+        if status == "activated" and self.switch is not None:
+            self.switch(profile)
+
+    # -- material and timing --------------------------------------------------------------------
+
+    def _current_marks(self, profile: str) -> dict[str, int]:
+        pid = self.store.get_profile(profile).id
+        item = self.store.db.execute("select coalesce(max(id), 0) from items where profile_id = ?", [pid]).fetchone()[0]
+        fb = self.store.db.execute(
+            "select coalesce(max(f.id), 0) from feedback f join interactions x on x.id = f.interaction_id "
+            "where x.profile_id = ?", [pid],
+        ).fetchone()[0]
+        return {"item_id": item, "feedback_id": fb}
+
+    def _marks(self, profile: str) -> dict[str, int]:
+        """What the last run already covered. A profile never seen: everything counts, unless
+        it already has its own adapter, whose material is unknown: then count from now on."""
+        with self._lock:
+            entry = self.state["profiles"].get(profile)
+            if entry and "marks" in entry:
+                return entry["marks"]
+            adapter = self.store.active_adapter(profile)
+            own = adapter is not None and adapter.get("profile_id") is not None
+            marks = self._current_marks(profile) if own else {"item_id": 0, "feedback_id": 0}
+            self.state["profiles"].setdefault(profile, {})["marks"] = marks
+            self._save()
+            return marks
+
+    def new_material(self, profile: str) -> int:
+        pid = self.store.get_profile(profile).id
+        marks = self._marks(profile)
+        items = self.store.db.execute(
+            "select count(*) from items where profile_id = ? and id > ?", [pid, marks["item_id"]]
+        ).fetchone()[0]
+        rejected = self.store.db.execute(
+            "select count(*) from feedback f join interactions x on x.id = f.interaction_id "
+            "where x.profile_id = ? and f.id > ? and f.verdict = 'rejected'", [pid, marks["feedback_id"]],
+        ).fetchone()[0]
+        return items + rejected
+
+    def last_started(self, profile: str) -> datetime | None:
+        """The newest run start: the scheduler's own, or any `rpo train` run (cron included)."""
+        entry = self.state["profiles"].get(profile) or {}
+        ours = _parse_time((entry.get("last_run") or {}).get("started_at"))
+        row = self.store.db.execute(
+            "select max(r.started_at) from train_runs r join profiles p on p.id = r.profile_id "
+            "where p.name = ?", [profile],
+        ).fetchone()
+        theirs = _parse_time(row[0] if row else None)
+        return max((t for t in (ours, theirs) if t is not None), default=None)
+
+    def profile_status(self, profile: str) -> dict:
+        interval = timedelta(hours=self.config.train_interval_hours)
+        last = self.last_started(profile)
+        earliest = last + interval if last else None
+        new = self.new_material(profile)
+        entry = self.state["profiles"].get(profile) or {}
+        return {
+            "new_material": new,
+            "needed": self.config.train_min_new_items,
+            "interval_ok": earliest is None or datetime.now(timezone.utc) >= earliest,
+            "next_run_earliest": earliest.isoformat() if earliest else None,
+            "last_run": entry.get("last_run"),
+        }
+
+    def status(self) -> dict:
+        with self._lock:
+            return self._status()
+
+    def _status(self) -> dict:
+        running = None
+        if self._running is not None:
+            running = {k: self._running[k] for k in ("profile", "started_at", "pid", "log")}
+        return {
+            "enabled": not self._stop.is_set() and self._thread is not None and self._thread.is_alive(),
+            "check_every_s": self.check_s,
+            "interval_hours": self.config.train_interval_hours,
+            "min_new_items": self.config.train_min_new_items,
+            "last_check": self._last_check,
+            "running": running,
+            "profiles": {p["name"]: self.profile_status(p["name"]) for p in self.store.list_profiles()},
+        }
+
+    def _save(self) -> None:
+        if self.persist:
+            atomic_write_text(self.state_file, json.dumps(self.state, indent=2) + "\n")
+
+
+def summary(store: Store, config: Config, profile: str) -> dict:
+    """A profile's training status as the daemon sees it, read-only (`rpo doctor`)."""
+    return TrainScheduler(store, config, persist=False).profile_status(profile)

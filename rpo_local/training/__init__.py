@@ -1,0 +1,4 @@
+"""Local fine-tuning of the reflection LoRA: data, SFT, GGUF export, the train pipeline.
+
+torch and transformers are imported inside the functions that need them.
+"""

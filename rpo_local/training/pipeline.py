@@ -1,0 +1,244 @@
+"""One training run end to end: data -> SFT -> GGUF export -> held-out evaluation -> register
+-> activate only if it beats the adapter the profile uses now.
+
+Activation is atomic: the adapter is exported to a temporary file, loaded in llama.cpp (which
+is how it is evaluated), renamed to its final name, registered, and only then activated; the
+previous adapter stays active until all of that succeeded. Each run is a row of `train_runs`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rpo_local import paths
+from rpo_local.adapters import resolve_adapter
+from rpo_local.config import Config, load_config
+from rpo_local.db import now
+from rpo_local.errors import InputError, ModelError, RpoError
+from rpo_local.training import dataset
+from rpo_local.training.sft import SFTConfig
+
+if TYPE_CHECKING:
+    from rpo_local.engine import Engine
+    from rpo_local.store import Store
+
+MIN_ITEMS = 8  # fewer texts than this teach nothing and leave nothing to evaluate on
+EVAL_USERS = 100  # LaMP users 0-99 are `rpo eval`'s: never trained on
+Sink = Callable[[dict], None]
+
+
+@dataclass
+class Outcome:
+    status: str  # activated | rejected | skipped | failed
+    adapter: str | None
+    reason: str
+    figures: dict = field(default_factory=dict)
+    run_id: int | None = None
+    exit_code: int = 0  # the failure's RpoError exit code
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("run_id", "exit_code")}
+
+
+# -- when to train ----------------------------------------------------------------------------
+
+def new_material(store: Store, profile: str) -> tuple[int, str | None]:
+    """(texts added since the profile's last finished run, when that run started)."""
+    pid = store.get_profile(profile).id
+    last = store.db.execute(
+        "select max(started_at) from train_runs where profile_id = ? and status in ('activated', 'rejected')",
+        [pid],
+    ).fetchone()[0]
+    sql, params = "select count(*) from items where profile_id = ?", [pid]
+    if last:
+        sql, params = sql + " and created_at > ?", params + [last]
+    return store.db.execute(sql, params).fetchone()[0], last
+
+
+def should_train(store: Store, profile: str, config: Config) -> tuple[bool, str]:
+    count, last = new_material(store, profile)
+    if count < config.train_min_new_items:
+        return False, f"{count} new texts since the last run; {config.train_min_new_items} needed"
+    if last:
+        age = datetime.now(timezone.utc) - datetime.fromisoformat(last)
+        if age < timedelta(hours=config.train_interval_hours):
+            return False, f"last run {age.total_seconds() / 3600:.1f} h ago; interval {config.train_interval_hours} h"
+    return True, f"{count} new texts"
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+class Run:
+    """A recorded training run for `profile` (context manager: failures are recorded too)."""
+
+    def __init__(self, store: Store, profile: str, kind: str = "sft") -> None:
+        self.store = store
+        self.profile = profile
+        self.id = store.db["train_runs"].insert({
+            "profile_id": store.ensure_profile(profile).id, "kind": kind, "status": "running",
+            "started_at": now(),
+        }).last_pk
+
+    def finish(self, outcome: Outcome, error: str | None = None) -> Outcome:
+        adapter_id = self.store.get_adapter(outcome.adapter)["id"] if outcome.adapter else None
+        self.store.db["train_runs"].update(self.id, {
+            "status": outcome.status, "finished_at": now(), "adapter_id": adapter_id,
+            "summary": json.dumps(outcome.to_dict(), default=str), "error": error,
+        })
+        outcome.run_id = self.id
+        return outcome
+
+
+def score(engine: Engine, config: Config, adapter: Path | None, examples: list[dataset.Example]) -> dict:
+    """ROUGE-1/L F of the reflection rewrite on held-out examples, with `adapter` switched in."""
+    from rpo_local.evaluate import mean_rouge
+    from rpo_local.reflect import Reflector
+
+    engine.set_adapter(adapter)
+    reflector = Reflector(None, engine, config)
+    outputs, fallbacks = [], 0
+    for ex in examples:
+        chunk = reflector.rewrite_with_items(ex.generic, ex.context)
+        outputs.append(chunk.output)
+        fallbacks += chunk.fallback
+    r1, rl = mean_rouge(outputs, [ex.target for ex in examples])
+    return {"rouge1": round(r1, 4), "rougeL": round(rl, 4), "fallback_rate": round(fallbacks / len(examples), 3),
+            "n": len(examples)}
+
+
+def _split(items: list, held_share: float = 0.15) -> tuple[list, list]:
+    """(train, held-out): the newest texts are held out, as a new reply would be."""
+    held = max(2, round(len(items) * held_share))
+    return items[:-held], items[-held:]
+
+
+def build_profile_data(store: Store, profile: str, engine: Engine, run_dir: Path, k: int,
+                       note: Callable[[str], None]) -> tuple[list, list]:
+    targets = dataset.profile_targets(store, profile)
+    if len(targets) < MIN_ITEMS:
+        raise InputError(f"profile {profile!r} has {len(targets)} texts; training needs at least {MIN_ITEMS}")
+    cache_path = run_dir.parent / f"paraphrases-{profile}.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    note(f"building {len(targets)} examples (the base model paraphrases each text once)")
+    examples = dataset.profile_examples(store, profile, engine, targets, k=k, cache=cache)
+    from rpo_local.fsutil import atomic_write_text
+
+    atomic_write_text(cache_path, json.dumps(cache))
+    return _split(examples)
+
+
+def build_lamp_data(path: Path, users: int, run_dir: Path, template: str, k: int) -> tuple[list, list]:
+    """Train on LaMP users after the first 100 (the eval users), hold out the last tenth."""
+    from rpo_local.store import Store
+
+    rows = dataset.read_lamp(path, skip=EVAL_USERS, limit=users)
+    if len(rows) < 4:
+        raise InputError(f"{path}: {len(rows)} users after the first {EVAL_USERS}; need at least 4")
+    db = run_dir / "retrieval.db"
+    db.unlink(missing_ok=True)
+    with Store.open(db) as lamp_store:
+        examples = dataset.lamp_examples(rows, lamp_store, template, k=k)
+    held = max(2, len(examples) // 10)
+    return examples[:-held], examples[-held:]
+
+
+def run_sft(
+    store: Store,
+    profile: str,
+    *,
+    cfg: SFTConfig,
+    lamp: Path | None = None,
+    lamp_users: int = 200,
+    start_from_current: bool = True,
+    config: Config | None = None,
+    on_step: Sink | None = None,
+    progress: bool = True,
+    note: Callable[[str], None] = lambda _m: None,
+    engine: Engine | None = None,
+) -> Outcome:
+    """Train, export, evaluate, register, and activate if better. Never raises RpoError: a
+    failure is an Outcome with status 'failed' (and a train_runs row)."""
+    config = config or load_config()
+    run = Run(store, profile)
+    try:
+        return run.finish(_run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_step,
+                               progress, note, engine, run.id))
+    except RpoError as exc:
+        return run.finish(Outcome("failed", None, exc.message, exit_code=exc.exit_code), error=exc.message)
+    except BaseException as exc:  # Ctrl-C or a bug: the row must not stay "running"
+        run.finish(Outcome("failed", None, f"{type(exc).__name__}: {exc}"), error=repr(exc))
+        raise
+
+
+def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_step, progress, note, engine,  # noqa: ANN001, PLR0913
+         run_id) -> Outcome:
+    from rpo_local.engine import open_engine
+    from rpo_local.models import sha256
+    from rpo_local.training import export, sft
+
+    t0 = time.perf_counter()
+    if lamp is None and store.count_items(profile) < MIN_ITEMS:  # before any model loads
+        raise InputError(f"profile {profile!r} has {store.count_items(profile)} texts; "
+                         f"training needs at least {MIN_ITEMS}")
+    engine = engine or open_engine(config)
+    model_path = engine.model_path
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = f"{profile}-sft-{stamp}"
+    # One working directory per profile and source: an interrupted run's checkpoint is found
+    # by the rerun (sft resumes only when data and settings are unchanged).
+    run_dir = paths.ensure_dir(paths.runs_dir() / f"{profile}-{'lamp' if lamp else 'profile'}-sft")
+    engine.set_adapter(None)  # paraphrases come from the bare base model
+    if lamp is not None:
+        train_ex, held_ex = build_lamp_data(lamp, lamp_users, run_dir, engine.chat_template(), config.k)
+    else:
+        train_ex, held_ex = build_profile_data(store, profile, engine, run_dir, config.k, note)
+    dataset.write_jsonl(run_dir / "train.jsonl", train_ex)
+    dataset.write_jsonl(run_dir / "heldout.jsonl", held_ex)
+
+    current = resolve_adapter(store, profile)
+    if start_from_current and cfg.init_adapter is None and current is not None:
+        cfg.init_adapter = str(current)  # per-user training starts from the adapter in use
+    note(f"training on {len(train_ex)} examples, {len(held_ex)} held out"
+         + (f", starting from {Path(cfg.init_adapter).name}" if cfg.init_adapter else ""))
+    try:
+        model, result = sft.train(model_path, train_ex, run_dir, cfg, on_step=on_step, progress=progress)
+    except ModelError as exc:
+        if not cfg.init_adapter:
+            raise
+        note(f"cannot start from {cfg.init_adapter} ({exc.message}); starting from scratch")
+        cfg.init_adapter = None
+        model, result = sft.train(model_path, train_ex, run_dir, cfg, on_step=on_step, progress=progress)
+
+    final = paths.ensure_dir(paths.adapters_dir()) / f"{name}.lora.gguf"
+    tmp = final.with_name(f".{final.name}.verify")
+    export.export_gguf(model, tmp, alpha=cfg.alpha, meta={"profile": profile, "run": run_id})
+    del model
+    note("evaluating on held-out texts (current adapter vs the new one)")
+    try:
+        before = score(engine, config, current, held_ex)
+        after = score(engine, config, tmp, held_ex)  # loads it in llama.cpp: the verification
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+        engine.set_adapter(None)
+    figures = {"train": {k: v for k, v in result.to_dict().items() if k != "losses"},
+               "heldout_before": before, "heldout_after": after,
+               "current": str(current) if current else None, "wall_s": round(time.perf_counter() - t0, 1)}
+    adapter_id = store.register_adapter(
+        name, final, profile=profile, base_model=model_path.name, base_sha256=sha256(model_path),
+        train_summary={"examples": len(train_ex), "heldout": len(held_ex), "source": str(lamp) if lamp else "profile",
+                       "config": asdict(cfg), **figures["train"]},
+        eval={"heldout_before": before, "heldout_after": after},
+    )
+    if after["rouge1"] > before["rouge1"]:
+        store.set_active_adapter(profile, adapter_id)
+        return Outcome("activated", name, f"held-out ROUGE-1 {before['rouge1']:.4f} -> {after['rouge1']:.4f}", figures)
+    return Outcome("rejected", name, f"held-out ROUGE-1 {after['rouge1']:.4f} does not beat "
+                   f"{before['rouge1']:.4f}; keeping the current adapter", figures)

@@ -1,0 +1,366 @@
+"""`rpo serve`: the real HTTP server on a loopback port, a real fake upstream on another, the
+`openai` client. Most cases use the fake reflection engine; the main path also runs the real
+embedded model (marked `model`)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from fake_upstream import FakeUpstream
+from fakes import FakeEngine, lowercasing_responder
+
+from rpo_local.config import load_config
+from rpo_local.server import BackgroundServer, Daemon, create_app, host_name
+from rpo_local.upstream import OpenAIUpstream
+
+GENERIC = FakeUpstream().reply
+HISTORY = ["lol ok sounds good, ttyl", "gonna grab food first then call u", "nah that works for me tbh"]
+
+
+@pytest.fixture
+def upstream():
+    with FakeUpstream() as up:
+        yield up
+
+
+@pytest.fixture
+def start(store, fake_engine, upstream):
+    """Start the real server; returns (server, daemon). Stopped (lifespan included) at teardown,
+    and the engine gets back the adapter it had (the daemon switches it to the profile's)."""
+    servers: list[tuple[BackgroundServer, object, object]] = []
+    store.add_items("alice", [{"text": t, "kind": "chat"} for t in HISTORY])
+
+    def run(engine=None, *, budget: float = 30.0, upstream_timeout: float = 5.0, url: str | None = None, **kw):
+        config = load_config()
+        config.rewrite_timeout_s = budget
+        up = OpenAIUpstream(url or upstream.url, model="fake-model", timeout=upstream_timeout)
+        daemon = Daemon(store=store, engine=engine or fake_engine, upstream=up, config=config, **kw)
+        server = BackgroundServer(create_app(daemon)).__enter__()
+        servers.append((server, daemon.engine, daemon.engine.adapter_path))
+        return server, daemon
+
+    yield run
+    for server, engine, adapter in servers:
+        server.__exit__()
+        if engine.adapter_path != adapter:
+            engine.set_adapter(adapter)
+
+
+def client(server: BackgroundServer, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def ask(c: openai.OpenAI, text: str = "Can you look at my draft?", model: str = "rpo:alice", **kw):
+    return c.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": text}], **kw)
+
+
+# -- the main path -----------------------------------------------------------------------------
+
+def test_rewrite_happens_and_is_recorded(start, store, upstream):
+    server, _ = start()
+    raw = ask(client(server))
+    reply = raw.parse()
+    assert reply.choices[0].message.content == GENERIC.lower()
+    assert raw.headers["x-rpo-personalized"] == "true"
+    iid = int(raw.headers["x-rpo-interaction-id"])
+    assert reply.rpo["interaction_id"] == iid and reply.rpo["personalized"] is True
+    assert "trajectory" not in reply.rpo  # only when asked
+    row = store.get_interaction(iid)
+    assert (row["profile"], row["source"], row["input"], row["rewrite"], row["fallback"]) == (
+        "alice", "serve", GENERIC, GENERIC.lower(), 0)
+    assert row["retrieved_ids"], "the profile's history was retrieved"
+    sent = upstream.requests[-1]["body"]
+    assert sent["model"] == "fake-model" and sent["messages"][-1]["content"] == "Can you look at my draft?"
+
+
+def test_streaming_sends_the_rewrite_then_done(start, store):
+    server, _ = start()
+    chunks = list(client(server).chat.completions.create(
+        model="rpo:alice", messages=[{"role": "user", "content": "hi"}], stream=True, extra_body={"rpo_trajectory": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == GENERIC.lower()
+    assert len([c for c in chunks if c.choices[0].delta.content]) > 1, "streamed in pieces"
+    final = chunks[-1]
+    assert final.choices[0].finish_reason == "stop"
+    assert final.rpo["personalized"] is True and final.rpo["trajectory"]["answer"] == text
+    assert store.get_interaction(final.rpo["interaction_id"])["rewrite"] == text
+
+
+def test_sse_wire_format_ends_with_done(start):
+    server, _ = start()
+    body = {"model": "rpo:alice", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_profile_from_header_and_model_forwarded(start, store, upstream):
+    store.add_item("bob", "Dear colleague, kind regards.")
+    server, _ = start()
+    raw = client(server).chat.completions.with_raw_response.create(
+        model="gpt-4.1", messages=[{"role": "user", "content": "x"}], extra_headers={"X-RPO-Profile": "bob"})
+    assert raw.headers["x-rpo-profile"] == "bob"
+    assert upstream.requests[-1]["body"]["model"] == "gpt-4.1"  # not a profile: the upstream's model
+    assert store.get_interaction(int(raw.headers["x-rpo-interaction-id"]))["profile"] == "bob"
+
+
+def test_unknown_profile_is_404(start):
+    server, _ = start()
+    with pytest.raises(openai.NotFoundError, match="unknown profile"):
+        ask(client(server), model="rpo:nobody")
+
+
+def test_models_status_and_health(start):
+    server, _ = start()
+    ids = [m.id for m in client(server).models.list()]
+    assert "rpo:alice" in ids and "rpo:default" in ids
+    status = httpx.get(server.url + "/v1/rpo/status").json()
+    assert status["queue"]["pending"] == 0 and status["upstream"].startswith("http://127.0.0.1")
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+# -- never lose the reply ----------------------------------------------------------------------
+
+def _slow(prompt: str) -> str:
+    time.sleep(1.0)
+    return lowercasing_responder(prompt)
+
+
+def test_past_the_time_budget_the_generic_reply_is_returned(start, store):
+    engine = FakeEngine(_slow)
+    server, daemon = start(engine, budget=0.3)
+    raw = ask(client(server))
+    assert raw.parse().choices[0].message.content == GENERIC
+    assert raw.headers["x-rpo-personalized"] == "false"
+    row = store.get_interaction(int(raw.headers["x-rpo-interaction-id"]))
+    assert row["fallback"] == 1 and "time budget" in row["fallback_reason"] and row["rewrite"] == GENERIC
+    deadline = time.monotonic() + 5
+    while daemon.worker.stats["cancelled"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon.worker.stats["cancelled"] == 1, "the abandoned rewrite stopped generating"
+
+
+def test_streaming_past_the_time_budget_streams_the_generic_reply(start, store):
+    server, _ = start(FakeEngine(_slow), budget=0.3)
+    chunks = list(client(server).chat.completions.create(
+        model="rpo:alice", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == GENERIC
+    assert chunks[-1].rpo["personalized"] is False
+    assert "time budget" in store.get_interaction(chunks[-1].rpo["interaction_id"])["fallback_reason"]
+
+
+def test_a_failing_rewrite_returns_the_generic_reply(start, store):
+    def broken(prompt: str) -> str:
+        raise RuntimeError("llama.cpp exploded")
+
+    server, _ = start(FakeEngine(broken))
+    raw = ask(client(server))
+    assert raw.parse().choices[0].message.content == GENERIC
+    row = store.get_interaction(int(raw.headers["x-rpo-interaction-id"]))
+    assert "llama.cpp exploded" in row["fallback_reason"]
+
+
+# -- upstream failures -------------------------------------------------------------------------
+
+def test_upstream_down_is_502(start, store):
+    dead = FakeUpstream()
+    dead.stop()  # the port is closed now
+    server, _ = start(url=dead.url)
+    with pytest.raises(openai.APIStatusError) as info:
+        ask(client(server))
+    assert info.value.status_code == 502 and "unreachable" in info.value.message
+    assert store.counts()["interactions"] == 0
+
+
+def test_upstream_slow_is_504(start, upstream):
+    upstream.delay = 2.0
+    server, _ = start(upstream_timeout=0.3)
+    with pytest.raises(openai.APIStatusError) as info:
+        ask(client(server))
+    assert info.value.status_code == 504 and "timed out" in info.value.message
+
+
+@pytest.mark.parametrize(("status", "message"), [(401, "Incorrect API key"), (429, "Rate limit"), (503, "Overloaded")])
+def test_upstream_errors_are_passed_back(start, upstream, status, message):
+    upstream.status, upstream.message = status, message
+    server, _ = start()
+    with pytest.raises(openai.APIStatusError) as info:
+        ask(client(server))
+    assert info.value.status_code == status and message in info.value.message
+
+
+# -- bad requests and guards -------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"model": "rpo:alice"}', "'messages' is required"),
+        (b'{"messages": []}', "'messages' is required"),
+        (b'{"messages": [{"content": "no role"}]}', "needs a 'role'"),
+        (b'{"messages": [{"role": "user", "content": 5}]}', "must be a string"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "'stream'"),
+    ],
+)
+def test_malformed_requests_are_400(start, store, content, needle):
+    server, _ = start()
+    resp = httpx.post(server.url + "/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert needle in resp.json()["error"]["message"]
+    assert store.counts()["interactions"] == 0
+
+
+def test_oversized_body_is_413(start):
+    server, _ = start(max_body_bytes=2000)
+    big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+    resp = httpx.post(server.url + "/v1/chat/completions", json=big)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+
+    def chunked():  # no Content-Length: the limit holds while reading
+        for _ in range(10):
+            yield b"x" * 500
+
+    resp = httpx.post(server.url + "/v1/chat/completions", content=chunked())
+    assert resp.status_code == 413
+
+
+def test_bearer_token(start):
+    server, _ = start(api_key="s3cret")
+    with pytest.raises(openai.AuthenticationError):
+        ask(client(server, key="wrong"))
+    resp = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert resp.status_code == 401
+    assert ask(client(server, key="s3cret")).parse().choices[0].message.content == GENERIC.lower()
+    assert httpx.get(server.url + "/health").status_code == 200  # liveness needs no token
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8765", "127.0.0.1.nip.io", "192.168.1.10"])
+def test_foreign_host_header_is_403(start, host):
+    server, _ = start()
+    resp = httpx.get(server.url + "/v1/models", headers={"Host": host})
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "forbidden_host"
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST:1234", "127.0.0.1:9", "[::1]:8765"])
+def test_loopback_host_headers_are_allowed(start, host):
+    server, _ = start()
+    assert httpx.get(server.url + "/v1/models", headers={"Host": host}).status_code == 200
+
+
+def test_host_name():
+    assert host_name("[::1]:80") == "::1" and host_name("LocalHost.:80") == "localhost"
+    assert host_name("127.0.0.1") == "127.0.0.1" and host_name("") == ""
+
+
+# -- concurrency and feedback ------------------------------------------------------------------
+
+def test_twenty_concurrent_requests_all_answered_nothing_lost(start, store, upstream):
+    upstream.echo = True
+    server, daemon = start()
+    c = client(server)
+    questions = [f"question number {i}" for i in range(20)]
+    barrier = threading.Barrier(20)
+
+    def one(q: str):
+        barrier.wait()
+        return ask(c, q, stream=q.endswith(("3", "7")))  # a few stream, the rest do not
+
+    with ThreadPoolExecutor(20) as pool:
+        raws = list(pool.map(one, questions))
+    ids = set()
+    for q, raw in zip(questions, raws, strict=True):
+        iid = int(raw.headers["x-rpo-interaction-id"]) if "x-rpo-interaction-id" in raw.headers else None
+        if iid is None:  # streamed: the id is in the last chunk
+            chunks = list(raw.parse())
+            text, iid = "".join(ch.choices[0].delta.content or "" for ch in chunks), chunks[-1].rpo["interaction_id"]
+        else:
+            text = raw.parse().choices[0].message.content
+        row = store.get_interaction(iid)
+        assert row["input"] == f"{GENERIC} ({q})" and row["rewrite"] == text == row["input"].lower()
+        ids.add(iid)
+    assert len(ids) == 20 and store.counts()["interactions"] == 20
+    assert daemon.worker.stats["done"] == 20
+
+
+def test_feedback_endpoint(start, store):
+    server, _ = start()
+    iid = ask(client(server)).parse().rpo["interaction_id"]
+    url = server.url + "/v1/rpo/feedback"
+    resp = httpx.post(url, json={"interaction_id": iid, "verdict": "edited", "edited_text": "sure, will do lol"})
+    assert resp.status_code == 200 and resp.json()["feedback_id"] > 0
+    assert [f["verdict"] for f in store.list_feedback("alice")] == ["edited"]
+    assert store.search_items("alice", "will do lol"), "the edit became history"
+    assert httpx.post(url, json={"interaction_id": iid, "verdict": "meh"}).status_code == 400
+    assert httpx.post(url, json={"interaction_id": 99999, "verdict": "accepted"}).status_code == 404
+    assert httpx.post(url, json={"verdict": "accepted"}).status_code == 400
+    assert httpx.post(url, content=b"{oops").status_code == 400
+
+
+# -- the real embedded model -------------------------------------------------------------------
+
+@pytest.mark.model
+def test_real_model_personalizing_proxy(start, store, real_engine):
+    server, _ = start(real_engine, budget=120)
+    c = client(server)
+    raw = ask(c)
+    reply = raw.parse()
+    text = reply.choices[0].message.content
+    row = store.get_interaction(reply.rpo["interaction_id"])
+    assert text.strip() and row["rewrite"] == text and row["input"] == GENERIC
+    if reply.rpo["personalized"]:
+        assert row["trajectory"]["answer"] == text and raw.headers["x-rpo-personalized"] == "true"
+    else:  # the model gave no usable answer: the generic reply, with the reason recorded
+        assert text == GENERIC and row["fallback_reason"]
+    chunks = list(c.chat.completions.create(model="rpo:alice", messages=[{"role": "user", "content": "x"}], stream=True))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert streamed.strip() and store.get_interaction(chunks[-1].rpo["interaction_id"])["rewrite"] == streamed
+
+
+@pytest.mark.model
+def test_offline_default_upstream_is_the_local_model_without_adapter(store, real_engine, model_path):
+    """No network at all: the generic reply comes from a second engine on the same GGUF, so the
+    reflection engine's adapter and KV cache are left alone."""
+    from rpo_local.engine import LlamaEngine
+    from rpo_local.upstream import LocalUpstream
+
+    base = LlamaEngine(model_path, n_ctx=1024)
+    adapter = real_engine.adapter_path
+    daemon = Daemon(store=store, engine=real_engine, upstream=LocalUpstream(base), config=load_config())
+    try:
+        with BackgroundServer(create_app(daemon)) as server:
+            reply = client(server).chat.completions.create(
+                model="rpo:default", messages=[{"role": "user", "content": "Say hello in one sentence."}], max_tokens=24)
+    finally:
+        real_engine.set_adapter(adapter)
+    row = store.get_interaction(reply.rpo["interaction_id"])
+    assert row["input"].strip(), "the local base model wrote the generic reply"
+    assert reply.choices[0].message.content == row["rewrite"]
+    assert base.adapter_path is None and base is not real_engine
+
+
+def test_client_leaving_mid_stream_stops_the_rewrite_and_keeps_the_record(start, store):
+    def slow_answer(prompt: str) -> str:
+        if prompt.endswith("<answer>"):
+            time.sleep(0.5)  # the answer arrives in pieces, slowly
+        return lowercasing_responder(prompt)
+
+    server, daemon = start(FakeEngine(slow_answer))
+    body = {"model": "rpo:alice", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        next(resp.iter_lines())  # the role chunk, then hang up
+    deadline = time.monotonic() + 10
+    while store.counts()["interactions"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rows = store.list_interactions("alice")
+    assert len(rows) == 1 and rows[0]["fallback_reason"] == "the client disconnected"

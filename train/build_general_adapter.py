@@ -1,0 +1,79 @@
+"""Train the general reflection adapter shipped as rpo_local/assets/reflect-lamp7.lora.gguf.
+
+Training users: LaMP-7 dev users AFTER the first 100 (users 0-99 are the evaluation users of
+`rpo eval`: neither their gold outputs nor their profiles enter training).
+
+    nice -n 10 .venv/bin/python train/build_general_adapter.py --examples 600 --out rpo_local/assets/reflect-lamp7.lora.gguf
+
+Writes the dataset (JSONL, inspectable), checkpoints (resumable: rerun the same command) and
+a summary JSON into --run-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rpo_local.models import embedded_model_path, sha256
+from rpo_local.store import Store
+from rpo_local.training import dataset, export, sft
+
+EVAL_USERS = 100
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lamp", type=Path, default=ROOT.parent / "shared" / "data" / "lamp7" / "dev.jsonl")
+    ap.add_argument("--examples", type=int, default=600, help="training users (after the first 100)")
+    ap.add_argument("--offset", type=int, default=0, help="skip this many training users (continuation runs)")
+    ap.add_argument("--init-adapter", type=Path, default=None, help="start from this GGUF adapter")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--top-layers", type=int, default=10, help="LoRA on the top N blocks (0: all)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoint-every", type=int, default=5)
+    ap.add_argument("--run-dir", type=Path, default=ROOT / "train" / "runs" / "general")
+    ap.add_argument("--out", type=Path, default=ROOT / "rpo_local" / "assets" / "reflect-lamp7.lora.gguf")
+    args = ap.parse_args()
+
+    model_path = embedded_model_path()
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    rows = dataset.read_lamp(args.lamp, skip=EVAL_USERS + args.offset, limit=args.examples)
+    data_path = args.run_dir / "train.jsonl"
+    if data_path.exists():
+        examples = dataset.read_jsonl(data_path)
+    else:
+        db = args.run_dir / "retrieval.db"
+        db.unlink(missing_ok=True)
+        with Store.open(db) as store:
+            examples = dataset.lamp_examples(rows, store, dataset.gguf_chat_template(model_path))
+        dataset.write_jsonl(data_path, examples)
+    print(f"{len(examples)} examples -> {data_path}", file=sys.stderr)
+
+    cfg = sft.SFTConfig(rank=args.rank, alpha=2.0 * args.rank, lr=args.lr, epochs=args.epochs,
+                        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                        threads=args.threads, top_layers=args.top_layers,
+                        checkpoint_every=args.checkpoint_every,
+                        init_adapter=str(args.init_adapter) if args.init_adapter else None)
+    t0 = time.perf_counter()
+    model, result = sft.train(model_path, examples, args.run_dir, cfg)
+    export.export_gguf(model, args.out, alpha=cfg.alpha, meta={
+        "base_sha256": sha256(model_path), "data": f"LaMP-7 dev users {EVAL_USERS + args.offset}+ (n={len(examples)})",
+    })
+    summary = {"adapter": str(args.out), "bytes": args.out.stat().st_size, "config": cfg.__dict__,
+               "train": result.to_dict(), "wall_s": round(time.perf_counter() - t0, 1),
+               "base_sha256": sha256(model_path)}
+    (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps({k: v for k, v in summary["train"].items() if k != "losses"}))
+
+
+if __name__ == "__main__":
+    main()
