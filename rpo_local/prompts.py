@@ -15,7 +15,7 @@ answer and tolerant of everything else.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
@@ -171,43 +171,73 @@ def parse_trajectory(raw: str, *, truncated: bool = False) -> Trajectory:
     return traj
 
 
+LOOP_TAIL, LOOP_TIMES = 20, 3
+
+
+def loop_cut(text: str, source: str = "") -> int | None:
+    """Where `text` starts repeating itself, or None.
+
+    Small models fall into loops ("; @mentions; @mentions; ..."). When the last LOOP_TAIL
+    characters occur LOOP_TIMES times, and more often than in `source` (a rewrite may copy
+    the repetitions of the text it rewrites), the text is cut where the second occurrence
+    starts: one copy of the repeated unit is kept.
+    """
+    if len(text) < LOOP_TAIL * LOOP_TIMES:
+        return None
+    tail = text[-LOOP_TAIL:]
+    count = text.count(tail)
+    if count < LOOP_TIMES or count <= source.lower().count(tail.lower()):
+        return None
+    return text.find(tail, text.find(tail) + LOOP_TAIL)
+
+
 class AnswerStreamer:
     """Turns streamed answer-phase text into text safe to print as it arrives.
 
-    It holds back only a tail that could be the start of a stop tag (so `<3` is printed once
-    the next character shows it is not a tag) and trailing whitespace, so what is printed is
-    exactly the answer that `parse_trajectory` returns.
+    It holds back a tail that could be the start of a stop tag (so `<3` is printed once the
+    next character shows it is not a tag), trailing whitespace, and the last `lag` characters,
+    so that a loop found later (see `loop_cut`) can still be dropped before it is printed, and
+    everything until `gate` accepts the answer so far (the reflector's content check, which
+    only gets easier to pass as the answer grows). What it prints in total is exactly the
+    answer the reflector keeps.
     """
 
-    def __init__(self) -> None:
-        self._pending = ""
-        self._started = False
-        self.done = False
+    def __init__(self, lag: int = 0, gate: Callable[[str], bool] | None = None) -> None:
+        self.lag = lag
+        self.gate = gate  # nothing is printed before the answer so far passes it
+        self._open = gate is None
+        self.raw = ""
+        self.emitted = 0
+        self.done = False  # a stop tag was seen
 
-    def feed(self, chunk: str) -> str:
-        if self.done:
-            return ""
-        text = self._pending + chunk
-        if not self._started:
-            text = text.lstrip()
-            if not text:
-                self._pending = ""
-                return ""
-            self._started = True
+    @property
+    def answer(self) -> str:
+        """The answer so far: leading space dropped, cut at the first stop tag."""
+        text = self.raw.lstrip()
         for stop in ANSWER_STOPS:
             idx = text.find(stop)
             if idx >= 0:
                 self.done = True
-                self._pending = ""
-                return text[:idx].rstrip()
-        emit = text[: len(text) - _partial_stop_suffix(text)]
-        emit = emit.rstrip()
-        self._pending = text[len(emit) :]
-        return emit
+                text = text[:idx]
+        return text
 
-    def flush(self) -> str:
-        out, self._pending = self._pending.rstrip(), ""
-        return "" if self.done else out
+    def feed(self, chunk: str) -> str:
+        self.raw += chunk
+        text = self.answer
+        if not self._open:
+            self._open = self.gate(text)
+            if not self._open:
+                return ""
+        safe = text[: len(text) - _partial_stop_suffix(text)].rstrip()
+        end = max(self.emitted, len(safe) - (0 if self.done else self.lag))
+        out, self.emitted = safe[self.emitted : end], end
+        return out
+
+    def finish(self, final: str) -> str:
+        """The rest of `final` (the answer kept) not yet printed."""
+        out = final[self.emitted :] if final.startswith(self.answer[: self.emitted]) else ""
+        self.emitted = max(self.emitted, len(final))
+        return out
 
 
 def _partial_stop_suffix(text: str) -> int:

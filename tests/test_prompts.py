@@ -66,9 +66,26 @@ def test_parser_is_tolerant_of_everything_else():
 def test_answer_streamer_matches_parser_and_keeps_heart_emoticons():
     chunks = [" hey", " there <", "3 you", "  ", "</an", "swer>", "junk"]
     s = prompts.AnswerStreamer()
-    streamed = "".join(s.feed(c) for c in chunks) + s.flush()
+    streamed = "".join(s.feed(c) for c in chunks)
     parsed = prompts.parse_trajectory("<answer>" + "".join(chunks)).answer
+    streamed += s.finish(parsed)
     assert streamed == parsed == "hey there <3 you"
+
+
+def test_answer_streamer_lag_holds_back_text_until_finish():
+    s = prompts.AnswerStreamer(lag=10)
+    out = s.feed("abcdefghijklmnopqrstuvwxyz")
+    assert out == "abcdefghijklmnop" and s.emitted == 16
+    assert s.finish("abcdefghijklmnopqrs") == "qrs"  # the kept answer may be shorter than generated
+
+
+def test_loop_cut_keeps_one_copy_and_ignores_copied_repetition():
+    text = "short; @mentions; ends with a period; @mentions; ends with a period; @mentions; ends with a period; @mentions;"
+    cut = prompts.loop_cut(text)
+    assert cut is not None and text[:cut].count("ends with a period") == 1
+    assert prompts.loop_cut("a perfectly normal sentence without any repetition at all, really") is None
+    table = "| a | b |\n| - | - |\n" + "| x | y |\n" * 6
+    assert prompts.loop_cut(table, source=table) is None  # the generic text repeats too
 
 
 def test_lamp_context_prompt_task7():

@@ -38,18 +38,38 @@ def test_no_answer_falls_back_to_generic_and_says_so(ann):
 
 def test_analysis_out_of_budget_still_gets_an_answer(ann):
     def responder(prompt: str) -> str:
-        return "ok done</answer>" if prompt.endswith("<answer>") else "blah " * 500
+        return "hi ok done</answer>" if prompt.endswith("<answer>") else "blah " * 500
 
     r = Reflector(ann, FakeEngine(responder), Config(trajectory_tokens=10)).rewrite("Hi.", "ann")
-    assert r.rewrite == "ok done" and not r.fallback
+    assert r.rewrite == "hi ok done" and not r.fallback
 
 
 def test_truncated_answer_without_streaming_falls_back(ann):
     def responder(prompt: str) -> str:
-        return "very " * 1000 if prompt.endswith("<answer>") else "x</style><answer>"
+        return " ".join(f"w{i}" for i in range(1000)) if prompt.endswith("<answer>") else "x</style><answer>"
 
     r = Reflector(ann, FakeEngine(responder), Config()).rewrite("Short reply.", "ann")
     assert r.fallback and r.rewrite == "Short reply." and "cut off" in r.fallback_reason
+
+
+def test_looping_analysis_and_answer_are_cut_streamed_and_not_alike(ann):
+    """A model stuck in a loop: the analysis stops early, the answer keeps the text before the
+    loop, and streaming prints exactly what is kept, the same as without streaming."""
+
+    def responder(prompt: str) -> str:
+        if prompt.endswith("<answer>"):
+            return "gonna be late, sorry!! " + "@bob; @bob; " * 200
+        return "short; " + "@mentions; rarely ends with a period; " * 50
+
+    engine = FakeEngine(responder)
+    pieces: list[str] = []
+    streamed = Reflector(ann, engine, Config()).rewrite("I will be late.", "ann", on_text=pieces.append)
+    assert engine.prompts[1].count("rarely ends with a period") < 4  # analysis cut at the loop
+    # What is kept of the loop is at most one LOOP_TAIL (20 characters) of it.
+    assert "".join(pieces) == streamed.rewrite and len(streamed.rewrite) < len("gonna be late, sorry!! ") + 25
+    assert streamed.rewrite.startswith("gonna be late, sorry!!") and not streamed.fallback
+    plain = Reflector(ann, FakeEngine(responder), Config()).rewrite("I will be late.", "ann")
+    assert plain.rewrite == streamed.rewrite
 
 
 def test_unknown_profile_fails_before_generation(store, fake_engine):
@@ -71,3 +91,17 @@ def test_long_input_is_chunked_and_nothing_lost(ann):
 def test_no_log_records_nothing(ann, fake_engine):
     r = Reflector(ann, fake_engine, Config()).rewrite("Hello.", "ann", log=False)
     assert r.interaction_id is None and ann.counts()["interactions"] == 0
+
+
+def test_answer_that_drops_the_content_falls_back_and_prints_nothing_of_it(ann):
+    """The model answers with an old post of the user's instead of rewriting the reply."""
+
+    def responder(prompt: str) -> str:
+        return "pizza w/ the crew tonight, so good lol</answer>" if prompt.endswith("<answer>") else "x</style><answer>"
+
+    pieces: list[str] = []
+    r = Reflector(ann, FakeEngine(responder), Config()).rewrite(
+        "The quarterly budget review moved to Thursday afternoon.", "ann", on_text=pieces.append
+    )
+    assert r.fallback and r.fallback_reason == "answer drops the reply's content"
+    assert "".join(pieces) == r.rewrite == "The quarterly budget review moved to Thursday afternoon."
