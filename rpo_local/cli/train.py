@@ -21,6 +21,17 @@ ProgressJsonOpt = Annotated[
 ]
 
 
+def _interrupt_on_sigterm() -> None:
+    """A daemon stops a run with SIGTERM: treat it like Ctrl-C, so the checkpoint is saved and
+    the run is recorded as interrupted (rerunning resumes)."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _progress_sink(enabled: bool):  # noqa: ANN202 - a callable or None
     if not enabled:
         return None
@@ -77,6 +88,7 @@ def sft(
             store.get_profile(name)
         else:
             store.ensure_profile(name)
+        _interrupt_on_sigterm()
         outcome = run_sft(store, name, cfg=cfg, lamp=lamp, lamp_users=lamp_users, start_from_current=not from_scratch,
                           on_step=_progress_sink(progress_json), progress=not progress_json and not json_out, note=note)
     _finish(outcome, json_out, progress_json)
@@ -102,6 +114,7 @@ def auto(
         if not go:
             outcome = Outcome("skipped", None, why)
         else:
+            _interrupt_on_sigterm()
             outcome = run_sft(store, name, cfg=SFTConfig(top_layers=10, lr=1e-3, batch_size=4, grad_accum=1),
                               config=config, on_step=_progress_sink(progress_json), progress=False, note=note)
     _finish(outcome, json_out, progress_json)
