@@ -7,6 +7,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rpo_local.errors import ModelError
+
 if TYPE_CHECKING:
     from rpo_local.store import Store
 
@@ -28,3 +30,20 @@ def resolve_adapter(store: Store | None, profile: str) -> Path | None:
                 return None
             return Path(store.get_adapter(activation["adapter_id"])["path"])
     return builtin_adapter_path()
+
+
+def adapter_from_ref(ref: str, store: Store | None = None) -> Path | None:
+    """An adapter named on the command line: 'none', a GGUF file, or a registered name/id."""
+    if ref == "none":
+        return None
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf" or path.exists():
+        if not path.is_file():
+            raise ModelError(f"adapter file not found: {path}")
+        return path
+    if store is not None:
+        return Path(store.get_adapter(ref)["path"])
+    from rpo_local.store import Store
+
+    with Store.open() as opened:
+        return Path(opened.get_adapter(ref)["path"])

@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rpo_local.adapters import resolve_adapter
+from rpo_local.adapters import adapter_from_ref, resolve_adapter
 from rpo_local.config import Config, load_config
-from rpo_local.errors import ModelError
 
 if TYPE_CHECKING:
     from rpo_local.reflect import Reflector
@@ -22,14 +21,7 @@ def adapter_for(store: Store, profile: str, adapter: str | None) -> Path | None:
     """An explicit choice ('none', a registered name/id, or a file), else the profile's own."""
     if adapter is None:
         return resolve_adapter(store, profile)
-    if adapter == "none":
-        return None
-    path = Path(adapter).expanduser()
-    if path.suffix == ".gguf" or path.exists():
-        if not path.is_file():
-            raise ModelError(f"adapter file not found: {path}")
-        return path
-    return Path(store.get_adapter(adapter)["path"])
+    return adapter_from_ref(adapter, store)
 
 
 def open_reflector(

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from rpo_local.cli._common import JsonOpt, note, print_json
-from rpo_local.errors import EXIT_INTERRUPTED, InputError, ModelError
+from rpo_local.errors import EXIT_INTERRUPTED, InputError
 from rpo_local.lamp import MAX_ANSWER_TOKENS
 
 ALL_METHODS = "copy,base,context,rpo,rpo+adapter"
@@ -77,21 +77,9 @@ def eval_cmd(
 
 def _adapter_path(adapter: str | None) -> Path | None:
     """The adapter for rpo+adapter: --adapter (a file, or a name/id registered in the store), else the builtin one."""
-    from rpo_local.adapters import builtin_adapter_path
+    from rpo_local.adapters import adapter_from_ref, builtin_adapter_path
 
-    if adapter is None:
-        return builtin_adapter_path()
-    if adapter == "none":
-        return None
-    candidate = Path(adapter).expanduser()
-    if candidate.suffix == ".gguf" or candidate.exists():
-        if not candidate.is_file():
-            raise ModelError(f"adapter file not found: {candidate}")
-        return candidate
-    from rpo_local.store import Store
-
-    with Store.open() as store:
-        return Path(store.get_adapter(adapter)["path"])
+    return builtin_adapter_path() if adapter is None else adapter_from_ref(adapter)
 
 
 def _default_methods(adapter: Path | None) -> str:
