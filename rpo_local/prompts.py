@@ -174,19 +174,19 @@ def parse_trajectory(raw: str, *, truncated: bool = False) -> Trajectory:
 LOOP_TAIL, LOOP_TIMES = 20, 3
 
 
-def loop_cut(text: str, source: str = "") -> int | None:
+def loop_cut(text: str, source: str = "", times: int = LOOP_TIMES) -> int | None:
     """Where `text` starts repeating itself, or None.
 
     Small models fall into loops ("; @mentions; @mentions; ..."). When the last LOOP_TAIL
-    characters occur LOOP_TIMES times, and more often than in `source` (a rewrite may copy
+    characters occur `times` times, and more often than in `source` (a rewrite may copy
     the repetitions of the text it rewrites), the text is cut where the second occurrence
     starts: one copy of the repeated unit is kept.
     """
-    if len(text) < LOOP_TAIL * LOOP_TIMES:
+    if len(text) < LOOP_TAIL * times:
         return None
     tail = text[-LOOP_TAIL:]
     count = text.count(tail)
-    if count < LOOP_TIMES or count <= source.lower().count(tail.lower()):
+    if count < times or count <= source.lower().count(tail.lower()):
         return None
     return text.find(tail, text.find(tail) + LOOP_TAIL)
 

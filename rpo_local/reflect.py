@@ -231,8 +231,12 @@ class Reflector:
                 on_text(out)
             if streamer.done:
                 break
-            looped = prompts.loop_cut(streamer.answer, generic)
+            # A short answer has no business repeating itself: two copies are a loop, caught
+            # while the second copy is still within the streaming lag.
+            looped = prompts.loop_cut(streamer.answer, generic, times=2)
             if looped is not None:
+                if on_text:
+                    looped = max(looped, streamer.emitted)  # never keep less than was printed
                 break
         return answer, streamer, looped
 

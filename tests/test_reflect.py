@@ -105,3 +105,16 @@ def test_answer_that_drops_the_content_falls_back_and_prints_nothing_of_it(ann):
     )
     assert r.fallback and r.fallback_reason == "answer drops the reply's content"
     assert "".join(pieces) == r.rewrite == "The quarterly budget review moved to Thursday afternoon."
+
+
+def test_a_long_repeated_sentence_is_cut_before_it_is_printed(ann):
+    sentence = "i'm sooo tired today but still got loads of work b4 the weekend. "
+
+    def responder(prompt: str) -> str:
+        return sentence * 6 if prompt.endswith("<answer>") else "x</style><answer>"
+
+    pieces: list[str] = []
+    generic = "I am very tired today, but I still have a lot of work to finish before the weekend."
+    r = Reflector(ann, FakeEngine(responder), Config()).rewrite(generic, "ann", on_text=pieces.append)
+    assert "".join(pieces) == r.rewrite
+    assert r.rewrite.count("weekend") == 1 and r.rewrite.startswith(sentence.strip()[:40])

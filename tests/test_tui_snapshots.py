@@ -11,6 +11,12 @@ import pytest
 from tui_helpers import FakeUpstream, make_app, seed, send
 
 
+@pytest.fixture(autouse=True)
+def no_builtin_adapter(monkeypatch):
+    """The screens must not depend on whether the package ships a general adapter."""
+    monkeypatch.setattr("rpo_local.adapters.builtin_adapter_path", lambda: None)
+
+
 @pytest.fixture
 def app(store, fake_engine):
     seed(store)
