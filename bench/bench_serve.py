@@ -148,6 +148,9 @@ def full_trajectory_s(adapter: Path | None, runs: int = 2) -> float:
     return round(statistics.median(times), 3)
 
 
+LOAD_AT_START = round(os.getloadavg()[0], 2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=6, help="sequential requests for the latency figures")
@@ -192,7 +195,7 @@ def main() -> None:
     adapter = args.adapter or builtin_adapter_path()  # the one the daemon ran with
     result["adapter"] = adapter.name if adapter else None
     result["full_trajectory_compute_s_p50"] = full_trajectory_s(adapter)
-    result["note"] = "2-core CPU shared with other jobs while measured"
+    result["load_avg_1m_at_start"] = LOAD_AT_START  # other jobs on the machine skew the figures
     print(json.dumps(result))
 
 

@@ -25,7 +25,7 @@ class Config:
     temperature: float = 0.0
     seed: int = 0
     n_ctx: int = 2048
-    n_threads: int = 0  # 0: llama.cpp's default
+    n_threads: int = 0  # 0: every CPU up to 4, else half of them (engine.default_threads)
     upstream_url: str = ""  # OpenAI-compatible base URL; empty: the local base model
     upstream_model: str = "gpt-4o-mini"
     rewrite_timeout_s: float = 30.0  # the daemon returns the generic reply past this

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -71,6 +72,14 @@ def backend_name() -> str:
     return "GPU"
 
 
+def default_threads() -> int:
+    """Generation threads: llama-cpp-python's default (half the logical CPUs) leaves one of two
+    cores idle on a small laptop (50 vs 76 tok/s measured on 2 cores); above four CPUs, half
+    approximates the physical cores, where hyper-threads only slow llama.cpp down."""
+    cpus = os.cpu_count() or 1
+    return cpus if cpus <= 4 else cpus // 2
+
+
 class LlamaEngine:
     def __init__(
         self,
@@ -93,7 +102,7 @@ class LlamaEngine:
                 model_path=str(model_path),
                 n_ctx=n_ctx,
                 n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0,
-                n_threads=n_threads or None,
+                n_threads=n_threads or default_threads(),
                 seed=seed,
                 verbose=False,
             )
