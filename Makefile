@@ -30,7 +30,7 @@ install-dev: $(VENV)/.dev
 # The main job on the embedded model: a demo persona's history, then a generic reply piped
 # through `rpo rewrite` (rewrite on stdout, trajectory on stderr). Uses its own RPO_HOME.
 demo: $(VENV)/.runtime
-	RPO_HOME=$(DEMO_HOME) $(VENV)/bin/rpo history import --profile alex demo/persona-alex.txt --kind chat
+	RPO_HOME=$(DEMO_HOME) $(VENV)/bin/rpo history import --profile alex demo/persona-alex.txt --kind chat > /dev/null
 	@echo "--- generic reply:" >&2; cat demo/generic-reply.txt >&2
 	@echo "--- rewritten for alex:" >&2
 	RPO_HOME=$(DEMO_HOME) $(VENV)/bin/rpo rewrite --profile alex --show-trajectory < demo/generic-reply.txt
