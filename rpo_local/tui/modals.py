@@ -17,10 +17,35 @@ def text_area(text: str = "", **kwargs) -> TextArea:  # noqa: ANN003 - TextArea'
     return TextArea(text, soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
 
 
-class EditScreen(ModalScreen[str | None]):
-    """Edit a reply; dismisses with the new text (None: cancelled)."""
+class _TextDialog(ModalScreen):
+    """A dialog around a text editor: ctrl+s saves a non-empty text, escape cancels (None)."""
 
     BINDINGS = [Binding("ctrl+s", "save", "Save", priority=True), Binding("escape", "cancel", "Cancel")]
+    EMPTY_HINT = "the text is empty; press escape to cancel"
+
+    def on_mount(self) -> None:
+        self.app.apply_blink(self)  # type: ignore[attr-defined]
+        self.query_one(TextArea).focus()
+
+    def result(self, text: str) -> object:
+        return text
+
+    def action_save(self) -> None:
+        text = self.query_one(TextArea).text.strip()
+        if not text:
+            self.notify(self.EMPTY_HINT, severity="warning")
+            return
+        self.dismiss(self.result(text))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.action_save() if event.button.id == "save" else self.action_cancel()
+
+
+class EditScreen(_TextDialog):
+    """Edit a reply; dismisses with the new text (None: cancelled)."""
 
     def __init__(self, text: str, title: str = "Edit the reply (it becomes feedback and history)") -> None:
         super().__init__()
@@ -35,28 +60,11 @@ class EditScreen(ModalScreen[str | None]):
                 yield Button("Save ^s", variant="primary", id="save", compact=True)
                 yield Button("Cancel esc", id="cancel", compact=True)
 
-    def on_mount(self) -> None:
-        self.app.apply_blink(self)  # type: ignore[attr-defined]
-        self.query_one(TextArea).focus()
 
-    def action_save(self) -> None:
-        text = self.query_one(TextArea).text.strip()
-        if not text:
-            self.notify("the text is empty; press escape to cancel", severity="warning")
-            return
-        self.dismiss(text)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.action_save() if event.button.id == "save" else self.action_cancel()
-
-
-class AddItemScreen(ModalScreen[dict | None]):
+class AddItemScreen(_TextDialog):
     """Add one history item; dismisses with {"text", "kind"} (None: cancelled)."""
 
-    BINDINGS = [Binding("ctrl+s", "save", "Save", priority=True), Binding("escape", "cancel", "Cancel")]
+    EMPTY_HINT = "write the text first, or press escape"
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
@@ -67,22 +75,8 @@ class AddItemScreen(ModalScreen[dict | None]):
                 yield Button("Save ^s", variant="primary", id="save", compact=True)
                 yield Button("Cancel esc", id="cancel", compact=True)
 
-    def on_mount(self) -> None:
-        self.app.apply_blink(self)  # type: ignore[attr-defined]
-        self.query_one(TextArea).focus()
-
-    def action_save(self) -> None:
-        text = self.query_one(TextArea).text.strip()
-        if not text:
-            self.notify("write the text first, or press escape", severity="warning")
-            return
-        self.dismiss({"text": text, "kind": self.query_one(Select).value})
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.action_save() if event.button.id == "save" else self.action_cancel()
+    def result(self, text: str) -> dict:
+        return {"text": text, "kind": self.query_one(Select).value}
 
 
 class PickScreen(ModalScreen[str | None]):
