@@ -121,7 +121,7 @@ class TrainScheduler:
         self.persist = persist
         self.state: dict[str, Any] = read_state(self.state_file)
         self.state.setdefault("profiles", {})
-        self._lock = threading.RLock()  # the state (status() is read from other threads)
+        self._lock = threading.RLock()  # the state, and `store`'s connection (status() comes from other threads)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

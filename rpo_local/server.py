@@ -112,7 +112,8 @@ class Job:
 class ReflectionWorker:
     """One thread that owns the reflection engine: rewrites and adapter switches, in order.
 
-    The store gives each thread its own SQLite connection, so it is shared with the handlers.
+    It reads the database through its own connection (`store`): one SQLite connection must not
+    be used by several threads at once.
     """
 
     def __init__(self, store: Store, engine: Engine, config: Config) -> None:
@@ -193,8 +194,8 @@ class Outcome:
 class Daemon:
     """Everything a request needs: store, upstream, the worker, the scheduler, the limits.
 
-    The store is shared by the request handlers, the worker and the scheduler (it opens one
-    SQLite connection per thread).
+    Request handlers share `store` (under `db_lock`); the worker and the scheduler open their
+    own connections to the same database file.
     """
 
     def __init__(
@@ -212,7 +213,8 @@ class Daemon:
         self.api_key = api_key or None
         self.allowed_hosts = LOOPBACK_NAMES | {h.lower().strip("[]") for h in allowed_hosts}
         self.max_body_bytes = max_body_bytes
-        self.worker = ReflectionWorker(store, engine, config)
+        self.db_lock = threading.RLock()
+        self.worker = ReflectionWorker(Store.open(store.path) if store.path else store, engine, config)
         self.scheduler: TrainScheduler | None = None  # set by `rpo serve` unless --no-train
         self.started = time.time()
         self.counts = {"requests": 0, "personalized": 0, "generic": 0, "upstream_errors": 0}
@@ -223,7 +225,8 @@ class Daemon:
 
     def select_profile(self, model: str | None, header: str | None) -> tuple[str, bool]:
         """The profile a request is for, and whether `model` named it (then it is not an upstream model)."""
-        names = {p["name"] for p in self.store.list_profiles()}
+        with self.db_lock:
+            names = {p["name"] for p in self.store.list_profiles()}
         if header and header.strip():
             name, from_model = header.strip(), False
         elif model and model.startswith("rpo:"):
@@ -242,7 +245,8 @@ class Daemon:
         builtin = builtin_adapter_path()
         if builtin is not None and Path(path) == builtin:
             return BUILTIN_NAME
-        row = list(self.store.db.query("select name from adapters where path = ? order by id desc limit 1", [str(path)]))
+        with self.db_lock:
+            row = list(self.store.db.query("select name from adapters where path = ? order by id desc limit 1", [str(path)]))
         return row[0]["name"] if row else Path(path).name
 
     # -- personalization ------------------------------------------------------------------------
@@ -290,9 +294,15 @@ class Daemon:
                 retrieved_ids=[r["id"] for r in result.retrieved], latency_ms=round(result.total_s * 1000, 1),
                 prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
             )
-        outcome.interaction_id = self.store.record_interaction(profile, **fields)
+        with self.db_lock:
+            outcome.interaction_id = self.store.record_interaction(profile, **fields)
         self.count("personalized" if outcome.personalized else "generic")
         return outcome
+
+    def locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on the shared store, one thread at a time."""
+        with self.db_lock:
+            return fn(*args)
 
     def count(self, key: str) -> None:
         with self._count_lock:
@@ -434,7 +444,7 @@ def create_app(daemon: Daemon) -> ASGIApp:
         return JSONResponse(body, headers=_rpo_headers(info))
 
     async def models(request: Request) -> Response:
-        rows = await run_in_threadpool(daemon.store.list_profiles)
+        rows = await run_in_threadpool(daemon.locked, daemon.store.list_profiles)
         data = [{"id": f"rpo:{r['name']}", "object": "model", "created": 0, "owned_by": "rpo-local"} for r in rows]
         return JSONResponse({"object": "list", "data": data})
 
@@ -451,7 +461,7 @@ def create_app(daemon: Daemon) -> ASGIApp:
         verdict, edited = body.get("verdict"), body.get("edited_text")
         if not isinstance(verdict, str) or (edited is not None and not isinstance(edited, str)):
             raise ApiError(400, "'verdict' (accepted, edited, rejected) is required; 'edited_text' must be a string")
-        fid = await run_in_threadpool(daemon.store.add_feedback, body["interaction_id"], verdict, edited)
+        fid = await run_in_threadpool(daemon.locked, daemon.store.add_feedback, body["interaction_id"], verdict, edited)
         if daemon.scheduler is not None:
             daemon.scheduler.wake()
         return JSONResponse({"feedback_id": fid, "interaction_id": body["interaction_id"], "verdict": verdict})

@@ -55,7 +55,7 @@ def serve(
     )
     if train:
         daemon.scheduler = TrainScheduler(
-            store, config, switch=daemon.worker.switch_adapter, check_s=train_check
+            Store.open(store.path), config, switch=daemon.worker.switch_adapter, check_s=train_check
         )
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
