@@ -22,6 +22,11 @@ class Config:
     model: str = ""  # GGUF path; empty means the embedded SmolLM2-135M-Instruct
     k: int = 4  # profile items retrieved per rewrite
     trajectory_tokens: int = 96  # budget for the style/diff/edits sections
+    # A rewrite keeping less of the generic reply's content words than this is refused (the
+    # generic reply is kept; see reflect.keeps_content). 0.4 passes 59% of real LaMP-7 users'
+    # rewrites of their neutral text; on 1,000 rollouts of training users (not the evaluation
+    # users) it halved the ROUGE-1 lost to the 135M model's bad rewrites compared with 0.2.
+    min_content_kept: float = 0.4
     temperature: float = 0.0
     seed: int = 0
     n_ctx: int = 2048

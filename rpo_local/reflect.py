@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from rpo_local import prompts
 from rpo_local.config import Config, load_config
 from rpo_local.engine import Completion
-from rpo_local.retrieve import content_words, retrieve
+from rpo_local.retrieve import content_kept, retrieve
 
 if TYPE_CHECKING:
     from rpo_local.engine import Engine
@@ -29,7 +29,6 @@ PHASE1_STOPS = ["<|im_end|>"]  # `<answer>` is watched for in the stream instead
 # Streamed answers trail generation by this many characters, so a loop caught by
 # `prompts.loop_cut` is dropped before it is printed (about 15 tokens, ~0.15 s).
 STREAM_LAG = 64
-MIN_CONTENT_KEPT = 0.2  # share of the generic text's content words a rewrite must keep
 
 
 @dataclass
@@ -172,7 +171,7 @@ class Reflector:
         else:
             body, truncated = streamer.answer, answer.finish_reason == "length" and not streamer.done
         traj = prompts.parse_trajectory(raw + body + ("" if truncated else prompts.ANSWER_CLOSE), truncated=truncated)
-        if traj.answer is not None and not keeps_content(traj.answer, generic):
+        if traj.answer is not None and not keeps_content(traj.answer, generic, self.config.min_content_kept):
             traj.answer, traj.problem = None, "answer drops the reply's content"
         if traj.answer is None and on_text and streamer.emitted:
             # Printed already (a cut-off past the streaming lag): what the reader saw is the rewrite.
@@ -219,7 +218,8 @@ class Reflector:
         cfg = self.config
         answer = Completion()
         streamer = prompts.AnswerStreamer(
-            lag=STREAM_LAG if on_text else 0, gate=lambda text: keeps_content(text, generic)
+            lag=STREAM_LAG if on_text else 0,
+            gate=lambda text: keeps_content(text, generic, cfg.min_content_kept),
         )
         looped = None
         for piece in self.engine.stream(
@@ -304,17 +304,13 @@ class Reflector:
         )
 
 
-def keeps_content(answer: str, generic: str) -> bool:
-    """Does `answer` keep enough of `generic`'s content words to be a rewrite of it?
+def keeps_content(answer: str, generic: str, minimum: float) -> bool:
+    """Does `answer` keep at least `minimum` of `generic`'s content words (a rewrite of it)?
 
-    A small reflection model sometimes answers with one of the user's old posts instead of
-    rewriting the reply. 0.2 passes 90% of real LaMP-7 user rewrites of their neutral text.
+    A small reflection model sometimes answers with one of the user's old posts, or invents
+    content, instead of rewriting the reply.
     """
-    wanted = content_words(generic)
-    if not wanted:
-        return True
-    have = set(content_words(answer))
-    return sum(w in have for w in wanted) / len(wanted) >= MIN_CONTENT_KEPT
+    return content_kept(answer, generic) >= minimum
 
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")

@@ -41,6 +41,15 @@ def content_words(text: str) -> list[str]:
     return list(seen)[:MAX_QUERY_TERMS]
 
 
+def content_kept(text: str, source: str) -> float:
+    """Share of `source`'s content words that `text` keeps (1.0 when `source` has none)."""
+    wanted = content_words(source)
+    if not wanted:
+        return 1.0
+    have = set(content_words(text))
+    return sum(w in have for w in wanted) / len(wanted)
+
+
 def _quote(term: str) -> str:
     return '"' + term.replace('"', '""') + '"'
 

@@ -107,6 +107,21 @@ def test_answer_that_drops_the_content_falls_back_and_prints_nothing_of_it(ann):
     assert "".join(pieces) == r.rewrite == "The quarterly budget review moved to Thursday afternoon."
 
 
+@pytest.mark.parametrize(("minimum", "kept"), [(0.2, True), (0.4, True), (0.6, False)])
+def test_how_much_content_a_rewrite_must_keep_is_configured(ann, minimum, kept):
+    """The answer keeps 2 of the 5 content words (budget, thursday: 0.4) of the generic reply."""
+
+    def responder(prompt: str) -> str:
+        return "budget thing is thursday lol</answer>" if prompt.endswith("<answer>") else "x</style><answer>"
+
+    pieces: list[str] = []
+    generic = "The quarterly budget review moved to Thursday."
+    r = Reflector(ann, FakeEngine(responder), Config(min_content_kept=minimum)).rewrite(
+        generic, "ann", on_text=pieces.append)
+    assert r.rewrite == ("budget thing is thursday lol" if kept else generic) == "".join(pieces)
+    assert r.fallback is not kept
+
+
 def test_a_long_repeated_sentence_is_cut_before_it_is_printed(ann):
     sentence = "i'm sooo tired today but still got loads of work b4 the weekend. "
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fakes import SMOLLM2_TEMPLATE, FakeEngine
-from rpo_local import prompts
+from rpo_local import prompts, retrieve
 from rpo_local.store import digest
 from rpo_local.training import dataset
 
@@ -31,18 +31,35 @@ def test_features_are_measured():
     assert "no final period" in dataset.plan_edits("I am tired.", "i am tired")
 
 
+def test_targets_lose_what_no_rewrite_could_know():
+    assert dataset.attainable("@bob so tired lol http://t.co/x", "I am tired.", ["lol ok"]) == "so tired lol"
+    assert dataset.attainable("@bob: so tired", "@bob I am tired.") == "@bob: so tired"  # in the generic text
+    assert dataset.attainable("@bob so tired", "I am tired.", ["@Bob hi"]) == "@bob so tired"  # in the history
+    assert dataset.attainable("@bob", "I am tired.") == "@bob"  # never empty
+
+
+def test_plans_name_only_words_the_prompt_shows():
+    plan = dataset.plan_edits("I am very tired today.", "so tired 2day lol", ["lol ok", "wat 2day"])
+    assert "use 2day, lol" in plan and "so" not in plan.split("use ")[1].split(";")[0]
+    assert "drop am, very" in plan or "drop i, am, very" in plan
+
+
 def test_lamp_examples_parse_and_never_contain_their_target(lamp7, store):
     rows = dataset.read_lamp(lamp7, skip=100, limit=12)
     assert len(rows) == 12
     first_ids = {r["id"] for r in dataset.read_lamp(lamp7, limit=100)}
     assert not first_ids & {r["id"] for r in rows}  # eval users never enter training
     examples = dataset.lamp_examples(rows, store, SMOLLM2_TEMPLATE)
-    for row, ex in zip(rows, examples):
+    kept = [r for r in rows if dataset.is_rewrite(dataset.lamp_generic(r["input"]), r["output"])]
+    assert 0 < len(examples) == len(kept) < len(rows)  # outputs that are not rewrites are left out
+    for row, ex in zip(kept, examples):
         assert ex.target == row["output"].strip()
+        assert retrieve.content_kept(ex.target, ex.generic) >= dataset.MIN_TARGET_KEPT
         assert digest(ex.target) not in {digest(c) for c in ex.context}
         assert ex.prompt == prompts.reflection_prompt(SMOLLM2_TEMPLATE, ex.generic, ex.context)
         traj = _parse(ex)
-        assert traj.answer == ex.target and traj.style and traj.diff and traj.edits
+        assert traj.answer == dataset.attainable(ex.target, ex.generic, ex.context)
+        assert traj.style and traj.diff and traj.edits
         assert len(ex.completion) - len(ex.target) < 420  # the analysis fits the trajectory budget
 
 

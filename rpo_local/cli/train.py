@@ -8,11 +8,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rpo_local.cli._common import JsonOpt, ProfileOpt, note, open_store, print_json, profile_name
+
+if TYPE_CHECKING:
+    from rpo_local.training.rl import RLConfig
+    from rpo_local.training.sft import SFTConfig
 
 app = typer.Typer(help="Fine-tune the reflection model's LoRA adapter locally.", no_args_is_help=True)
 
@@ -58,31 +62,77 @@ def _finish(outcome, json_out: bool, progress_json: bool) -> None:  # noqa: ANN0
         raise typer.Exit(outcome.exit_code or 1)
 
 
+LampOpt = Annotated[Path | None, typer.Option("--lamp", help="Train on a LaMP JSONL file's users after the first 100")]
+LampUsersOpt = Annotated[int, typer.Option("--lamp-users", min=4, help="LaMP users to use")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps (overrides --epochs)")]
+EpochsOpt = Annotated[float, typer.Option("--epochs", min=0.01)]
+RankOpt = Annotated[int, typer.Option("--rank", min=1)]
+LrOpt = Annotated[float, typer.Option("--lr")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1)]
+AccumOpt = Annotated[int, typer.Option("--grad-accum", min=1)]
+TopLayersOpt = Annotated[int, typer.Option("--top-layers", min=0, help="LoRA on the top N blocks (0: all)")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="CPU threads (0: up to 2)")]
+SeedOpt = Annotated[int, typer.Option("--seed")]
+ScratchOpt = Annotated[bool, typer.Option("--from-scratch", help="Do not start from the adapter in use")]
+
+
 @app.command("sft")
 def sft(
     profile: ProfileOpt = None,
-    lamp: Annotated[Path | None, typer.Option("--lamp", help="Train on a LaMP JSONL file's users after the first 100")] = None,
-    lamp_users: Annotated[int, typer.Option("--lamp-users", min=4, help="LaMP users to use")] = 200,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps (overrides --epochs)")] = None,
-    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
-    rank: Annotated[int, typer.Option("--rank", min=1)] = 8,
-    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1)] = 1,
-    top_layers: Annotated[int, typer.Option("--top-layers", min=0, help="LoRA on the top N blocks (0: all)")] = 10,
-    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads (0: up to 2)")] = 0,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Do not start from the adapter in use")] = False,
+    lamp: LampOpt = None,
+    lamp_users: LampUsersOpt = 200,
+    steps: StepsOpt = None,
+    epochs: EpochsOpt = 1.0,
+    rank: RankOpt = 8,
+    lr: LrOpt = 1e-3,
+    batch_size: BatchOpt = 4,
+    grad_accum: AccumOpt = 1,
+    top_layers: TopLayersOpt = 10,
+    threads: ThreadsOpt = 0,
+    seed: SeedOpt = 0,
+    from_scratch: ScratchOpt = False,
     json_out: JsonOpt = False,
     progress_json: ProgressJsonOpt = False,
 ) -> None:
     """Build data, train, export, evaluate on held-out texts, register; activate if better."""
-    from rpo_local.training.pipeline import run_sft
     from rpo_local.training.sft import SFTConfig
 
-    name = profile_name(profile)
     cfg = SFTConfig(rank=rank, alpha=2.0 * rank, lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
                     grad_accum=grad_accum, top_layers=top_layers, threads=threads, seed=seed)
+    _train(profile, lamp, lamp_users, cfg, from_scratch, json_out, progress_json)
+
+
+@app.command("rl")
+def rl(
+    profile: ProfileOpt = None,
+    lamp: LampOpt = None,
+    lamp_users: LampUsersOpt = 200,
+    samples: Annotated[int, typer.Option("--samples", min=2, help="Rewrites sampled per example")] = 4,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature")] = 0.8,
+    margin: Annotated[float, typer.Option("--margin", help="ROUGE-1 a kept sample must add over the generic text")] = 0.05,
+    steps: StepsOpt = None,
+    epochs: EpochsOpt = 2.0,
+    lr: LrOpt = 5e-4,
+    threads: ThreadsOpt = 0,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+    progress_json: ProgressJsonOpt = False,
+) -> None:
+    """The RL stage: sample rewrites with the adapter in use, reward them against your own
+    texts, fine-tune on the best, evaluate on held-out texts; activate if better."""
+    from rpo_local.training.rl import RLConfig
+    from rpo_local.training.sft import SFTConfig
+
+    cfg = SFTConfig(lr=lr, epochs=epochs, steps=steps, top_layers=10, grad_accum=1, threads=threads, seed=seed)
+    _train(profile, lamp, lamp_users, cfg, False, json_out, progress_json,
+           RLConfig(samples=samples, temperature=temperature, margin=margin))
+
+
+def _train(profile: str | None, lamp: Path | None, lamp_users: int, cfg: SFTConfig, from_scratch: bool,  # noqa: PLR0913
+           json_out: bool, progress_json: bool, rl_cfg: RLConfig | None = None) -> None:
+    from rpo_local.training.pipeline import run_sft
+
+    name = profile_name(profile)
     with open_store() as store:
         if lamp is None:
             store.get_profile(name)
@@ -90,7 +140,8 @@ def sft(
             store.ensure_profile(name)
         _interrupt_on_sigterm()
         outcome = run_sft(store, name, cfg=cfg, lamp=lamp, lamp_users=lamp_users, start_from_current=not from_scratch,
-                          on_step=_progress_sink(progress_json), progress=not progress_json and not json_out, note=note)
+                          on_step=_progress_sink(progress_json), progress=not progress_json and not json_out,
+                          note=note, rl_cfg=rl_cfg)
     _finish(outcome, json_out, progress_json)
 
 

@@ -1,4 +1,4 @@
-"""One training run end to end: data -> SFT -> GGUF export -> held-out evaluation -> register
+"""One training run end to end: data [-> RL rollouts] -> SFT -> GGUF export -> held-out evaluation -> register
 -> activate only if it beats the adapter the profile uses now.
 
 Activation is atomic: the adapter is exported to a temporary file, loaded in llama.cpp (which
@@ -23,6 +23,7 @@ from rpo_local.config import Config, load_config
 from rpo_local.db import now
 from rpo_local.errors import InputError, ModelError, RpoError
 from rpo_local.training import dataset
+from rpo_local.training.rl import RLConfig
 from rpo_local.training.sft import SFTConfig
 
 if TYPE_CHECKING:
@@ -71,6 +72,23 @@ def should_train(store: Store, profile: str, config: Config) -> tuple[bool, str]
         if age < timedelta(hours=config.train_interval_hours):
             return False, f"last run {age.total_seconds() / 3600:.1f} h ago; interval {config.train_interval_hours} h"
     return True, f"{count} new texts"
+
+
+def rl_examples(engine: Engine, config: Config, current: Path | None, examples: list[dataset.Example],
+                rl_cfg: RLConfig, note: Callable[[str], None]) -> tuple[list[dataset.Example], dict]:
+    """The RL stage's training examples: the current model's best rewarded rollouts."""
+    from rpo_local.training import rl
+
+    note(f"sampling {rl_cfg.samples} rewrites for each of {len(examples)} examples with the current model")
+    engine.set_adapter(current)
+    try:
+        rolls = rl.rollouts(engine, examples, config, n=rl_cfg.samples, temperature=rl_cfg.temperature)
+    finally:
+        engine.set_adapter(None)
+    kept = rl.select(rolls, rl_cfg.margin)
+    figures = rl.summary(rolls, kept)
+    note(f"{len(kept)} of {len(rolls)} examples have a rollout that beats the generic text")
+    return kept, figures
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -145,6 +163,9 @@ def build_lamp_data(path: Path, users: int, run_dir: Path, template: str, k: int
     db.unlink(missing_ok=True)
     with Store.open(db) as lamp_store:
         examples = dataset.lamp_examples(rows, lamp_store, template, k=k)
+    if len(examples) < 4:
+        raise InputError(f"{path}: {len(examples)} of {len(rows)} users' outputs rewrite their input; "
+                         "need at least 4")
     held = max(2, len(examples) // 10)
     return examples[:-held], examples[-held:]
 
@@ -162,14 +183,18 @@ def run_sft(
     progress: bool = True,
     note: Callable[[str], None] = lambda _m: None,
     engine: Engine | None = None,
+    rl_cfg: RLConfig | None = None,
 ) -> Outcome:
     """Train, export, evaluate, register, and activate if better. Never raises RpoError: a
-    failure is an Outcome with status 'failed' (and a train_runs row)."""
+    failure is an Outcome with status 'failed' (and a train_runs row).
+
+    With `rl_cfg` the run is the RL stage: the examples' trajectories are the current model's
+    own best-rewarded samples (`training.rl`) instead of the feature-built ones."""
     config = config or load_config()
-    run = Run(store, profile)
+    run = Run(store, profile, "rl" if rl_cfg else "sft")
     try:
         return run.finish(_run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_step,
-                               progress, note, engine, run.id))
+                               progress, note, engine, run.id, rl_cfg))
     except RpoError as exc:
         return run.finish(Outcome("failed", None, exc.message, exit_code=exc.exit_code), error=exc.message)
     except BaseException as exc:  # Ctrl-C or a bug: the row must not stay "running"
@@ -178,7 +203,7 @@ def run_sft(
 
 
 def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_step, progress, note, engine,  # noqa: ANN001, PLR0913
-         run_id) -> Outcome:
+         run_id, rl_cfg) -> Outcome:
     from rpo_local.engine import open_engine
     from rpo_local.models import sha256
     from rpo_local.training import export, sft
@@ -189,20 +214,27 @@ def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_s
                          f"training needs at least {MIN_ITEMS}")
     engine = engine or open_engine(config)
     model_path = engine.model_path
+    kind = "rl" if rl_cfg else "sft"
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    name = f"{profile}-sft-{stamp}"
-    # One working directory per profile and source: an interrupted run's checkpoint is found
-    # by the rerun (sft resumes only when data and settings are unchanged).
-    run_dir = paths.ensure_dir(paths.runs_dir() / f"{profile}-{'lamp' if lamp else 'profile'}-sft")
+    name = f"{profile}-{kind}-{stamp}"
+    # One working directory per profile, source and stage: an interrupted run's checkpoint is
+    # found by the rerun (sft resumes only when data and settings are unchanged).
+    run_dir = paths.ensure_dir(paths.runs_dir() / f"{profile}-{'lamp' if lamp else 'profile'}-{kind}")
     engine.set_adapter(None)  # paraphrases come from the bare base model
     if lamp is not None:
         train_ex, held_ex = build_lamp_data(lamp, lamp_users, run_dir, engine.chat_template(), config.k)
     else:
         train_ex, held_ex = build_profile_data(store, profile, engine, run_dir, config.k, note)
+    current = resolve_adapter(store, profile)
+    rollout_figures = None
+    if rl_cfg is not None:
+        train_ex, rollout_figures = rl_examples(engine, config, current, train_ex, rl_cfg, note)
+        if not train_ex:
+            return Outcome("rejected", None, "no sampled rewrite beat the generic text by the margin; "
+                           "nothing to learn", {"rollouts": rollout_figures})
     dataset.write_jsonl(run_dir / "train.jsonl", train_ex)
     dataset.write_jsonl(run_dir / "heldout.jsonl", held_ex)
 
-    current = resolve_adapter(store, profile)
     if start_from_current and cfg.init_adapter is None and current is not None:
         cfg.init_adapter = str(current)  # per-user training starts from the adapter in use
     note(f"training on {len(train_ex)} examples, {len(held_ex)} held out"
@@ -231,6 +263,8 @@ def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_s
     figures = {"train": {k: v for k, v in result.to_dict().items() if k != "losses"},
                "heldout_before": before, "heldout_after": after,
                "current": str(current) if current else None, "wall_s": round(time.perf_counter() - t0, 1)}
+    if rollout_figures:
+        figures["rollouts"] = rollout_figures
     adapter_id = store.register_adapter(
         name, final, profile=profile, base_model=model_path.name, base_sha256=sha256(model_path),
         train_summary={"examples": len(train_ex), "heldout": len(held_ex), "source": str(lamp) if lamp else "profile",

@@ -1,0 +1,147 @@
+"""The RL stage (reward-ranked fine-tuning): rollouts, rewards and selection.
+
+Unit tests script the samples with the fake engine; the model-marked test samples from the real
+embedded model through llama.cpp with the shipped adapter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fakes import SMOLLM2_TEMPLATE, FakeEngine
+
+from rpo_local import paths, prompts
+from rpo_local.config import load_config
+from rpo_local.evaluate import rouge
+from rpo_local.training import dataset, rl
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERIC = "I am feeling very tired after the long trip to Paris today."
+TARGET = "so tired after paris trip today lol"
+
+
+def _example() -> dataset.Example:
+    return dataset.make_example(SMOLLM2_TEMPLATE, "u1", GENERIC, TARGET, ["lol ok", "paris was fun"])
+
+
+def _cycling(answers: list[str]) -> FakeEngine:
+    """A fake model whose successive samples answer with `answers` in turn."""
+    it = itertools.cycle(answers)
+
+    def respond(prompt: str) -> str:
+        if prompt.endswith("<answer>"):
+            return next(it) + "</answer>"
+        return "short, lowercase</style>\n<diff>generic is longer</diff>\n<edits>shorten</edits>\n<answer>"
+
+    return FakeEngine(responder=respond)
+
+
+def test_rollouts_reward_each_sample_and_keep_the_best_that_beats_the_generic_text():
+    answers = ["tired after the trip to paris today lol", "I like turtles", GENERIC]
+    rolls = rl.rollouts(_cycling(answers), [_example()], load_config(), n=3)
+    (roll,) = rolls
+    assert roll.baseline == pytest.approx(rouge(GENERIC, TARGET)[0])
+    assert [s.answer for s in roll.samples] == [answers[0], GENERIC, GENERIC]
+    assert [s.fallback for s in roll.samples] == [False, True, False]  # "I like turtles" drops the content
+    assert [s.reward for s in roll.samples] == pytest.approx([rouge(s.answer, TARGET)[0] for s in roll.samples])
+    assert roll.best.answer == answers[0] and roll.advantage() > 0.05
+
+    (kept,) = rl.select(rolls, margin=0.05)
+    assert kept.prompt == _example().prompt and kept.target == TARGET
+    traj = prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + kept.completion.removesuffix(dataset.EOT))
+    assert traj.answer == answers[0] and traj.edits == "shorten"
+    figures = rl.summary(rolls, [kept])
+    assert figures["kept"] == 1 and figures["samples"] == 3 and figures["best_reward"] > figures["baseline_reward"]
+
+
+def test_nothing_is_learned_where_no_sample_beats_the_generic_text():
+    rolls = rl.rollouts(_cycling(["I like turtles", GENERIC.lower()]), [_example()], load_config(), n=2)
+    assert rl.select(rolls, margin=0.05) == []
+    assert rl.select(rolls, margin=-1.0) != []  # the lower-cased copy is usable, just not better
+
+
+def test_samples_use_the_sampling_temperature_and_distinct_seeds():
+    seen = []
+
+    class Recording(FakeEngine):
+        def stream(self, prompt, **kw):  # noqa: ANN001, ANN003, ANN202
+            seen.append((kw["temperature"], kw["seed"]))
+            return super().stream(prompt, **kw)
+
+    rl.rollouts(Recording(), [_example()], load_config(), n=3, temperature=0.7)
+    assert {t for t, _ in seen} == {0.7} and len({s for _, s in seen}) == 3
+
+
+@pytest.mark.model
+def test_real_rollouts_sample_parseable_trajectories_from_the_shipped_adapter(lamp7, store, model_path):
+    from rpo_local.adapters import builtin_adapter_path
+    from rpo_local.engine import LlamaEngine
+
+    rows = dataset.read_lamp(lamp7, skip=100, limit=6)
+    examples = dataset.lamp_examples(rows, store, SMOLLM2_TEMPLATE, min_kept=0.0)[:2]
+    engine = LlamaEngine(model_path, n_ctx=2048, adapter_path=builtin_adapter_path())
+    rolls = rl.rollouts(engine, examples, load_config(), n=3, temperature=1.0)
+    answers = set()
+    for roll, ex in zip(rolls, examples):
+        assert roll.baseline == pytest.approx(rouge(ex.generic, ex.target)[0])
+        for s in roll.samples:
+            assert s.reward == pytest.approx(rouge(s.answer, ex.target)[0])
+            traj = prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + s.completion.removesuffix(dataset.EOT))
+            assert traj.answer == s.answer
+            answers.add(s.answer)
+    assert len(answers) > 2, "sampling at temperature 1 gave (almost) identical rewrites"
+
+
+def test_train_rl_learns_nothing_when_no_rollout_beats_the_generic_text(cli, store, lamp7, monkeypatch):
+    import rpo_local.engine as engine_mod
+
+    engine = _cycling(["I like turtles"])  # every sample drops the reply's content
+    monkeypatch.setattr(engine_mod, "open_engine", lambda *a, **kw: engine)
+    r = cli("train", "rl", "--profile", "ann", "--lamp", str(lamp7), "--lamp-users", "12", "--json")
+    assert r.code == 0, r
+    doc = json.loads(r.stdout)
+    assert doc["status"] == "rejected" and doc["adapter"] is None and "nothing to learn" in doc["reason"]
+    rolls = doc["figures"]["rollouts"]
+    assert rolls["kept"] == 0 and rolls["fallback_share"] == 1.0 and rolls["samples"] == 4 * rolls["examples"]
+    (run,) = store.db.query("select kind, status from train_runs")
+    assert run == {"kind": "rl", "status": "rejected"}
+    assert store.active_adapter("ann") is None
+
+
+@pytest.mark.model
+@pytest.mark.train
+def test_train_rl_end_to_end(rpo_home, lamp7):
+    """A real `rpo train rl`: rollouts from the shipped adapter in llama.cpp, rewards, 2 steps of
+    LoRA training on the kept rollouts, export, held-out evaluation, registration."""
+    from rpo_local.lora_runtime import verify_adapter
+    from rpo_local.models import embedded_model_path
+    from rpo_local.store import Store
+
+    env = {**os.environ, "RPO_HOME": str(rpo_home), "ORT_DISABLE_TELEMETRY": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rpo_local", "train", "rl", "--profile", "ann", "--lamp", str(lamp7),
+         "--lamp-users", "12", "--samples", "2", "--temperature", "1.0", "--margin=-1", "--steps", "2",
+         "--json"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    rolls = doc["figures"]["rollouts"]
+    assert rolls["samples"] == 2 * rolls["examples"] and rolls["kept"] >= 1, doc
+    assert doc["status"] in ("activated", "rejected"), doc
+    with Store.open() as store:
+        adapter = store.get_adapter(doc["adapter"])
+        (run,) = store.db.query("select kind, status, adapter_id from train_runs")
+        kept = dataset.read_jsonl(paths.runs_dir() / "ann-lamp-rl" / "train.jsonl")
+    assert run == {"kind": "rl", "status": doc["status"], "adapter_id": adapter["id"]}
+    assert adapter["train_summary"]["examples"] == rolls["kept"] == len(kept)
+    for ex in kept:  # the model's own trajectories, in the format the parser reads
+        traj = prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + ex.completion.removesuffix(dataset.EOT))
+        assert traj.answer and traj.style is not None
+    verify_adapter(embedded_model_path(), Path(adapter["path"]))
