@@ -95,9 +95,12 @@ def test_ctrl_c_exits_130_without_traceback_and_database_survives(persona):
         [sys.executable, "-m", "rpo_local", "rewrite", "--profile", "sam"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    proc.stdin.write(("A very long generic reply that keeps going. " * 40).encode())
+    proc.stdin.write(" ".join(f"Sentence {i} of a very long generic reply." for i in range(600)).encode())
     proc.stdin.close()
-    time.sleep(1.5)  # the model is loaded and generating
+    for line in proc.stderr:  # the chunking note: the model is loaded, several chunks to go
+        if b"chunks" in line:
+            break
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     proc.stdin = None  # already closed: communicate must not flush it
     _, err = proc.communicate(timeout=60)

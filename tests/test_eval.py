@@ -426,16 +426,16 @@ def test_e2e_sigint_writes_partial_results(lamp7, tmp_path):
 
     preds = tmp_path / "preds"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rpo_local", "eval", str(lamp7), "-n", "4", "--methods", "copy,base",
+        [sys.executable, "-m", "rpo_local", "eval", str(lamp7), "-n", "60", "--methods", "copy,base",
          "--max-tokens", "16", "--predictions-dir", str(preds)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"},
     )
-    for line in proc.stderr:
-        if "eval 1/4 users" in line:
+    for line in proc.stderr:  # the first progress line: some users are done, most are not
+        if "/60 users" in line:
             proc.send_signal(signal.SIGINT)
             break
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "partial" in out and "interrupted" in err
     pred = json.loads((preds / "LaMP_7-base.json").read_text())
-    assert pred["partial"] is True and 1 <= len(pred["golds"]) < 4
+    assert pred["partial"] is True and 1 <= len(pred["golds"]) < 60
