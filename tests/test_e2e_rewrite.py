@@ -94,6 +94,8 @@ def test_ctrl_c_exits_130_without_traceback_and_database_survives(persona):
     proc = subprocess.Popen(
         [sys.executable, "-m", "rpo_local", "rewrite", "--profile", "sam"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # A shell running the tests in the background ignores SIGINT, and children inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     proc.stdin.write(" ".join(f"Sentence {i} of a very long generic reply." for i in range(600)).encode())
     proc.stdin.close()

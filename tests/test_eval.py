@@ -429,6 +429,8 @@ def test_e2e_sigint_writes_partial_results(lamp7, tmp_path):
         [sys.executable, "-m", "rpo_local", "eval", str(lamp7), "-n", "60", "--methods", "copy,base",
          "--max-tokens", "16", "--predictions-dir", str(preds)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"},
+        # A shell running the tests in the background ignores SIGINT, and children inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in proc.stderr:  # the first progress line: some users are done, most are not
         if "/60 users" in line:
