@@ -88,12 +88,23 @@ def _parse_time(value: str | None) -> datetime | None:
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
 
+def background_threads() -> int:
+    """CPU threads a background training run may use: half the CPUs, the rest stay for serving.
+
+    Priority alone is not enough: llama.cpp's and torch's worker threads spin while they wait
+    for each other, so two processes each running a thread per core slowed both more than 10x
+    on a 2-core machine.
+    """
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def low_priority(cmd: Sequence[str]) -> tuple[list[str], dict]:
-    """`cmd` made to run at low CPU priority, and the matching Popen keyword arguments."""
+    """`cmd` made to run at low CPU priority on `background_threads()`, and the Popen keywords."""
+    env = {**os.environ, "RPO_N_THREADS": str(background_threads())}
     if os.name == "nt":
-        return list(cmd), {"creationflags": subprocess.BELOW_NORMAL_PRIORITY_CLASS}
+        return list(cmd), {"creationflags": subprocess.BELOW_NORMAL_PRIORITY_CLASS, "env": env}
     nice = shutil.which("nice")
-    return ([nice, "-n", str(NICE), *cmd] if nice else list(cmd)), {}
+    return ([nice, "-n", str(NICE), *cmd] if nice else list(cmd)), {"env": env}
 
 
 class TrainScheduler:

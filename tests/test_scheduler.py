@@ -3,6 +3,7 @@ that registers and activates an adapter in the real database), and the daemon's 
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -201,3 +202,15 @@ def test_a_command_that_cannot_run_is_a_failed_run(store, tmp_path):
     last = sched.status()["profiles"]["a/b c"]["last_run"]
     assert last["status"] == "failed" and ("cannot start" in last["reason"] or "exit code 127" in last["reason"])
     assert not sched.status()["profiles"]["a/b c"]["interval_ok"]
+
+
+def test_background_runs_leave_half_the_cores_to_serving(monkeypatch):
+    from rpo_local.config import load_config
+    from rpo_local.scheduler import background_threads, low_priority
+
+    cmd, extra = low_priority(["rpo", "train", "auto"])
+    assert cmd[-3:] == ["rpo", "train", "auto"]
+    assert extra["env"]["RPO_N_THREADS"] == str(background_threads())
+    assert 1 <= background_threads() <= max(1, (os.cpu_count() or 2) // 2)
+    monkeypatch.setenv("RPO_N_THREADS", extra["env"]["RPO_N_THREADS"])
+    assert load_config().n_threads == background_threads()  # what the child's engine and torch use

@@ -166,7 +166,8 @@ def auto(
             outcome = Outcome("skipped", None, why)
         else:
             _interrupt_on_sigterm()
-            outcome = run_sft(store, name, cfg=SFTConfig(top_layers=10, lr=1e-3, batch_size=4, grad_accum=1),
+            cfg = SFTConfig(top_layers=10, lr=1e-3, batch_size=4, grad_accum=1, threads=config.n_threads)
+            outcome = run_sft(store, name, cfg=cfg,
                               config=config, on_step=_progress_sink(progress_json), progress=False, note=note)
     _finish(outcome, json_out, progress_json)
 
