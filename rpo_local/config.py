@@ -48,14 +48,21 @@ class Config:
 _ENV = {f"RPO_{name.upper()}": name for name in Config.keys()}
 
 
+_RANGES = {"min_content_kept": (0.0, 1.0)}  # shares: anything outside silently disables a feature
+
+
 def _coerce(name: str, value: object) -> object:
     kind = type(getattr(Config(), name))
     try:
         if kind is bool:
             return str(value).lower() in {"1", "true", "yes", "on"}
-        return kind(value)
+        out = kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config key {name!r} expects {kind.__name__}, got {value!r}") from None
+    low, high = _RANGES.get(name, (out, out))
+    if not low <= out <= high:
+        raise ConfigError(f"config key {name!r} must be between {low} and {high}, got {value!r}")
+    return out
 
 
 def read_file(path: Path | None = None) -> dict:

@@ -154,3 +154,12 @@ def test_paths_and_config(cli, rpo_home):
     assert json.loads(cli("config", "show", "--json").stdout)["k"] == 7
     assert cli("config", "set", "k", "seven").code == 9
     assert cli("config", "set", "nope", "1").code == 9
+
+
+def test_a_share_outside_0_to_1_is_refused_and_the_file_kept(cli, rpo_home, monkeypatch):
+    assert cli("config", "set", "min_content_kept", "0.6").code == 0
+    r = cli("config", "set", "min_content_kept", "40")  # a percentage by mistake
+    assert r.code == 9 and "between 0.0 and 1.0" in r.stderr and r.stdout == ""
+    assert json.loads(cli("config", "show", "--json").stdout)["min_content_kept"] == 0.6
+    monkeypatch.setenv("RPO_MIN_CONTENT_KEPT", "-1")
+    assert cli("config", "show", "--json").code == 9

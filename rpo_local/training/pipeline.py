@@ -22,7 +22,7 @@ from rpo_local.adapters import resolve_adapter
 from rpo_local.config import Config, load_config
 from rpo_local.db import now
 from rpo_local.errors import InputError, ModelError, RpoError
-from rpo_local.training import dataset
+from rpo_local.training import dataset, rl
 from rpo_local.training.rl import RLConfig
 from rpo_local.training.sft import SFTConfig
 
@@ -77,8 +77,6 @@ def should_train(store: Store, profile: str, config: Config) -> tuple[bool, str]
 def rl_examples(engine: Engine, config: Config, current: Path | None, examples: list[dataset.Example],
                 rl_cfg: RLConfig, note: Callable[[str], None]) -> tuple[list[dataset.Example], dict]:
     """The RL stage's training examples: the current model's best rewarded rollouts."""
-    from rpo_local.training import rl
-
     note(f"sampling {rl_cfg.samples} rewrites for each of {len(examples)} examples with the current model")
     engine.set_adapter(current)
     try:

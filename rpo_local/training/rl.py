@@ -101,12 +101,8 @@ def rollouts(
 
 def select(rolls: Sequence[Rollout], margin: float = 0.05) -> list[Example]:
     """Training examples from the rollouts whose best sample beats the generic text by `margin`."""
-    kept = []
-    for roll in rolls:
-        best = roll.best
-        if best is not None and best.reward >= roll.baseline + margin:
-            kept.append(dataclasses.replace(roll.example, completion=best.completion))
-    return kept
+    return [dataclasses.replace(roll.example, completion=roll.best.completion)
+            for roll in rolls if roll.best is not None and roll.advantage() >= margin]
 
 
 def summary(rolls: Sequence[Rollout], kept: Sequence[Example]) -> dict:
