@@ -14,6 +14,51 @@ def test_unpermute_inverts_permute():
     assert np.array_equal(unpermute_rows(permute_rows(w, 4), 4), w)
 
 
+def _write_adapter(path, blocks: list[int], modules: list[str], rank: int, alpha: float):
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), arch="llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", alpha)
+    for blk in blocks:
+        for name in modules:
+            w.add_tensor(f"blk.{blk}.{name}.weight.lora_a", np.zeros((rank, 16), np.float32))
+            w.add_tensor(f"blk.{blk}.{name}.weight.lora_b", np.zeros((16, rank), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_continuing_from_an_adapter_takes_its_shape(tmp_path):
+    """Per-user training starts from the shipped adapter: a LoRA of another rank or on other
+    blocks would silently drop part of it (load_gguf_lora loads what matches)."""
+    from rpo_local.errors import ModelError
+    from rpo_local.training import export, sft
+
+    top2 = _write_adapter(tmp_path / "top2.gguf", [28, 29], ["attn_q", "ffn_down"], rank=4, alpha=8.0)
+    assert export.adapter_layout(top2) == (8.0, 4, [28, 29], ("q_proj", "down_proj"))
+    cfg = sft.fit_to_adapter(sft.SFTConfig(rank=8, alpha=16.0, top_layers=10, init_adapter=str(top2)), 30)
+    assert (cfg.rank, cfg.alpha, cfg.top_layers, cfg.targets) == (4, 8.0, 2, ("q_proj", "down_proj"))
+
+    every = _write_adapter(tmp_path / "all.gguf", list(range(30)), ["attn_v"], rank=8, alpha=16.0)
+    assert sft.fit_to_adapter(sft.SFTConfig(top_layers=10, init_adapter=str(every)), 30).top_layers == 0
+
+    gap = _write_adapter(tmp_path / "gap.gguf", [27, 29], ["attn_q"], rank=4, alpha=8.0)
+    with pytest.raises(ModelError):
+        sft.fit_to_adapter(sft.SFTConfig(init_adapter=str(gap)), 30)
+
+
+def test_the_shipped_adapter_covers_every_block():
+    from rpo_local.adapters import builtin_adapter_path
+    from rpo_local.training import export
+
+    alpha, rank, blocks, targets = export.adapter_layout(builtin_adapter_path())
+    assert blocks == list(range(30)) and rank == 8 and len(targets) == 7
+
+
 def _llama_logits(llm, tokens: list[int]) -> np.ndarray:
     import llama_cpp
 
@@ -52,7 +97,7 @@ def test_logit_delta_matches_torch(tmp_path, model_path):
             if "lora_B" in name:
                 p.normal_(0.0, 0.2)
     model.eval()
-    path = export.export_gguf(model, tmp_path / "rand.lora.gguf", alpha=cfg.alpha)
+    path = export.export_gguf(model, tmp_path / "rand.lora.gguf")
 
     text = "<|im_start|>user\nWrite a short note about the weather today.<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(text, add_special_tokens=False).input_ids

@@ -130,6 +130,7 @@ def test_a_long_repeated_sentence_is_cut_before_it_is_printed(ann):
 
     pieces: list[str] = []
     generic = "I am very tired today, but I still have a lot of work to finish before the weekend."
-    r = Reflector(ann, FakeEngine(responder), Config()).rewrite(generic, "ann", on_text=pieces.append)
+    loose = Config(min_content_kept=0.4)  # the rewrite drops "finish": this tests the loop cut, not the gate
+    r = Reflector(ann, FakeEngine(responder), loose).rewrite(generic, "ann", on_text=pieces.append)
     assert "".join(pieces) == r.rewrite
     assert r.rewrite.count("weekend") == 1 and r.rewrite.startswith(sentence.strip()[:40])

@@ -6,6 +6,7 @@ embedded model through llama.cpp with the shipped adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -44,7 +45,8 @@ def _cycling(answers: list[str]) -> FakeEngine:
 
 def test_rollouts_reward_each_sample_and_keep_the_best_that_beats_the_generic_text():
     answers = ["tired after the trip to paris today lol", "I like turtles", GENERIC]
-    rolls = rl.rollouts(_cycling(answers), [_example()], load_config(), n=3)
+    loose = dataclasses.replace(load_config(), min_content_kept=0.4)  # answers[0] drops "feeling", "long"
+    rolls = rl.rollouts(_cycling(answers), [_example()], loose, n=3)
     (roll,) = rolls
     assert roll.baseline == pytest.approx(rouge(GENERIC, TARGET)[0])
     assert [s.answer for s in roll.samples] == [answers[0], GENERIC, GENERIC]

@@ -98,7 +98,7 @@ def test_real_engine_hot_swaps_a_real_adapter_while_serving(store, tmp_path, mod
     torch.manual_seed(0)
     cfg = sft.SFTConfig(rank=4, alpha=8.0, dropout=0.0)
     base, _ = sft.load_base(model_path)
-    lora = export.export_gguf(sft.add_lora(base, cfg), tmp_path / "rand.lora.gguf", alpha=cfg.alpha)
+    lora = export.export_gguf(sft.add_lora(base, cfg), tmp_path / "rand.lora.gguf")
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
     monkeypatch.setenv("FAKE_TRAIN_ADAPTER", str(lora))

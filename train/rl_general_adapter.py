@@ -80,7 +80,7 @@ def main() -> None:
                         threads=1, top_layers=10, checkpoint_every=5, init_adapter=str(args.init_adapter))
     t0 = time.perf_counter()
     model, result = sft.train(model_path, kept, args.run_dir, cfg)
-    export.export_gguf(model, args.out, alpha=cfg.alpha, meta={
+    export.export_gguf(model, args.out, meta={
         "base_sha256": sha256(model_path),
         "data": f"LaMP-7 dev users {EVAL_USERS + args.offset}+ (RL: {len(kept)} of {len(rollouts)} kept)",
     })

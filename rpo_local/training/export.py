@@ -60,10 +60,12 @@ def lora_tensors(model: Any) -> dict[str, Any]:
     return out
 
 
-def export_gguf(model: Any, path: Path, *, alpha: float, dtype: str = "f16", meta: dict | None = None) -> Path:
-    """Write `model`'s LoRA to `path` as a llama.cpp adapter (atomically)."""
+def export_gguf(model: Any, path: Path, *, dtype: str = "f16", meta: dict | None = None) -> Path:
+    """Write `model`'s LoRA (with its own alpha) to `path` as a llama.cpp adapter (atomically)."""
     import numpy as np
     from gguf import GGUFWriter
+
+    alpha = model.peft_config["default"].lora_alpha
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +107,24 @@ def read_gguf_lora(path: Path) -> tuple[float, dict[str, Any]]:
     # GGUFReader gives tensors in ggml order, which as numpy is already (rows, cols).
     return alpha, {t.name: t.data.astype("float32").reshape(tuple(reversed(t.shape.tolist())))
                    for t in reader.tensors}
+
+
+def adapter_layout(path: Path) -> tuple[float, int, list[int], tuple[str, ...]]:
+    """(alpha, rank, blocks, peft target modules) of a GGUF LoRA adapter: what a LoRA must look
+    like to continue training from it."""
+    alpha, tensors = read_gguf_lora(path)
+    module_of = {gguf: peft.split(".")[-1] for peft, gguf in GGUF_NAMES.items()}
+    blocks, targets, ranks = set(), set(), set()
+    for name, w in tensors.items():
+        match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight\.lora_a", name)
+        if match and match.group(2) in module_of:
+            blocks.add(int(match.group(1)))
+            targets.add(module_of[match.group(2)])
+            ranks.add(w.shape[0])
+    if len(ranks) != 1:
+        raise ModelError(f"{path} is not a LoRA adapter with one rank")
+    order = [m.split(".")[-1] for m in GGUF_NAMES]
+    return alpha, ranks.pop(), sorted(blocks), tuple(m for m in order if m in targets)
 
 
 def load_gguf_lora(model: Any, path: Path) -> None:

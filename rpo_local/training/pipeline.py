@@ -248,7 +248,7 @@ def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_s
 
     final = paths.ensure_dir(paths.adapters_dir()) / f"{name}.lora.gguf"
     tmp = final.with_name(f".{final.name}.verify")
-    export.export_gguf(model, tmp, alpha=cfg.alpha, meta={"profile": profile, "run": run_id})
+    export.export_gguf(model, tmp, meta={"profile": profile, "run": run_id})
     del model
     note("evaluating on held-out texts (current adapter vs the new one)")
     try:

@@ -19,11 +19,11 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rpo_local.errors import InputError
+from rpo_local.errors import InputError, ModelError
 
 if TYPE_CHECKING:
     from rpo_local.training.dataset import Example
@@ -51,11 +51,12 @@ class SFTConfig:
     warmup: float = 0.06  # share of steps with a linear warm-up
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0: up to 2 (a laptop stays usable)
+    device: str = "cpu"  # "cuda" or "mps" where torch has one
     checkpoint_every: int = 20
     init_adapter: str | None = None  # a GGUF adapter to start from (per-user training)
 
     def fingerprint(self, data_digest: str) -> str:
-        keys = {k: v for k, v in asdict(self).items() if k not in ("threads", "checkpoint_every")}
+        keys = {k: v for k, v in asdict(self).items() if k not in ("threads", "device", "checkpoint_every")}
         return hashlib.sha256(json.dumps([keys, data_digest], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -77,8 +78,8 @@ class TrainResult:
         return asdict(self)
 
 
-def load_base(model_path: Path, threads: int = 0) -> tuple[Any, Any]:
-    """(model, tokenizer) from the GGUF file llama.cpp runs, dequantized to fp32."""
+def load_base(model_path: Path, threads: int = 0, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) from the GGUF file llama.cpp runs, dequantized to fp32, on `device`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -91,6 +92,9 @@ def load_base(model_path: Path, threads: int = 0) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(
         str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32
     )
+    if device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 matmuls on a GPU
+        model.to(device)
     return model, tok
 
 
@@ -104,6 +108,18 @@ def add_lora(model: Any, cfg: SFTConfig) -> Any:
         target_modules=list(cfg.targets), layers_to_transform=layers, bias="none", task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def fit_to_adapter(cfg: SFTConfig, n_layers: int) -> SFTConfig:
+    """`cfg` with the rank, alpha, blocks and targets of the adapter it continues from: a LoRA
+    of another shape would silently leave part of that adapter behind."""
+    from rpo_local.training.export import adapter_layout
+
+    alpha, rank, blocks, targets = adapter_layout(Path(cfg.init_adapter or ""))
+    top = n_layers - blocks[0]
+    if blocks != list(range(blocks[0], n_layers)):
+        raise ModelError(f"{cfg.init_adapter}: LoRA on blocks {blocks} is not on the top blocks of {n_layers}")
+    return replace(cfg, rank=rank, alpha=alpha, targets=targets, top_layers=0 if top == n_layers else top)
 
 
 def encode(tok: Any, examples: Sequence[Example], max_len: int) -> tuple[list[tuple[list[int], int]], int]:
@@ -134,7 +150,7 @@ def batches(rows: list[tuple[list[int], int]], batch_size: int, seed: int) -> li
     return out
 
 
-def collate(rows: list[tuple[list[int], int]], idx: list[int], pad_id: int) -> dict:
+def collate(rows: list[tuple[list[int], int]], idx: list[int], pad_id: int, device: str = "cpu") -> dict:
     import torch
 
     width = max(len(rows[i][0]) for i in idx)
@@ -146,7 +162,7 @@ def collate(rows: list[tuple[list[int], int]], idx: list[int], pad_id: int) -> d
         ids[r, : len(seq)] = torch.tensor(seq)
         labels[r, plen : len(seq)] = torch.tensor(seq[plen:])
         mask[r, : len(seq)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
 def completion_loss(model: Any, batch: dict) -> Any:
@@ -187,7 +203,9 @@ def train(
         raise InputError("no training examples")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model, tok = base or load_base(model_path, cfg.threads)
+    model, tok = base or load_base(model_path, cfg.threads, cfg.device)
+    if cfg.init_adapter:
+        cfg = fit_to_adapter(cfg, model.config.num_hidden_layers)
     model = add_lora(model, cfg)
     if cfg.init_adapter:
         from rpo_local.training.export import load_gguf_lora
@@ -225,7 +243,7 @@ def train(
             n_label = sum(len(rows[i][0]) - rows[i][1] for b in window for i in b)
             loss_sum = 0.0
             for idx in window:
-                batch = collate(rows, idx, pad_id)
+                batch = collate(rows, idx, pad_id, cfg.device)
                 loss = completion_loss(model, batch) / n_label
                 loss.backward()
                 loss_sum += loss.item()
@@ -288,7 +306,7 @@ def _resume(path: Path, fingerprint: str, model: Any, optim: Any, sched: Any, lo
 
     if not path.is_file():
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location=next(model.parameters()).device, weights_only=False)
     if state.get("fingerprint") != fingerprint:
         return 0  # other data or settings: this run starts over
     params = dict(model.named_parameters())

@@ -1,0 +1,103 @@
+"""Back-translation: the neutralizer's data, augmented examples, batched paraphrasing in torch."""
+
+from __future__ import annotations
+
+import pytest
+
+from fakes import SMOLLM2_TEMPLATE
+from rpo_local import prompts
+from rpo_local.store import digest
+from rpo_local.training import backtranslate, dataset
+
+
+def _row(uid: str, neutral: str, output: str, profile: list[str]) -> dict:
+    return {"id": uid, "input": f"Paraphrase the following tweet without any explanation before or after it: {neutral}",
+            "output": output, "profile": [{"text": t} for t in profile]}
+
+
+def test_neutralizer_learns_the_user_text_to_neutral_direction():
+    rows = [
+        _row("1", "I am very tired today.", "so tired 2day lol", []),
+        _row("2", "The weather is lovely.", "off to the gym, bye", []),  # not a rewrite: left out
+    ]
+    examples = backtranslate.neutralizer_examples(rows, SMOLLM2_TEMPLATE)
+    assert len(examples) == 1
+    ex = examples[0]
+    assert ex.prompt == prompts.render_chat(SMOLLM2_TEMPLATE, prompts.neutral_paraphrase_messages("so tired 2day lol"))
+    assert ex.completion == "I am very tired today." + dataset.EOT
+
+
+def test_augmented_examples_skip_copies_and_inventions_and_never_see_their_target(store):
+    items = ["walking the dog lol", "the dog is walking again lol", "pizza w/ the crew", "so tired 2day"]
+    rows = [_row("7", "x", "y", items)]
+    paraphrases = {
+        digest(items[0]): "I am walking the dog.",
+        digest(items[1]): "the dog is walking again lol",  # a copy teaches nothing
+        digest(items[2]): "The stock market fell sharply.",  # keeps none of it: invented
+    }  # items[3] has no paraphrase
+    examples = backtranslate.augmented_examples(rows, paraphrases, store, SMOLLM2_TEMPLATE, per_user=4, k=4)
+    assert [ex.target for ex in examples] == [items[0]]
+    ex = examples[0]
+    assert ex.generic == "I am walking the dog." and ex.user == "lamp-7"
+    assert items[0] not in ex.context and set(ex.context) <= set(items[1:]) and ex.context
+    assert prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + ex.completion).answer == items[0]
+    # per_user bounds the items used as targets, not the history retrieved from
+    assert backtranslate.augmented_examples(rows, paraphrases, store, SMOLLM2_TEMPLATE, per_user=0) == []
+
+
+def test_paraphrase_cache_round_trips(tmp_path):
+    texts = ["a b c", "d e\u2028f"]  # a line separator inside a tweet must not split the file
+    path = backtranslate.write_paraphrases(tmp_path / "p.jsonl", texts, ["A", "D"])
+    assert backtranslate.read_paraphrases(path) == {digest("a b c"): "A", digest("d e\u2028f"): "D"}
+    assert backtranslate.profile_texts([_row("1", "x", "y", ["one", " ", "two", "three"])], 2) == ["one", "two"]
+
+
+@pytest.mark.model
+@pytest.mark.train
+def test_batched_paraphrases_match_one_at_a_time(model_path):
+    """Left padding must not change a greedy continuation: each text paraphrased in a batch
+    with a much longer one reads exactly as when paraphrased alone."""
+    from rpo_local.training import sft
+
+    model, tok = sft.load_base(model_path)
+    texts = ["omg so tired 2day", "I can't believe the bus was late again this morning, I waited forty minutes"]
+    batched = backtranslate.paraphrase_batch(model, tok, SMOLLM2_TEMPLATE, texts, batch_size=2,
+                                             max_new_tokens=12, progress=False)
+    alone = [backtranslate.paraphrase_batch(model, tok, SMOLLM2_TEMPLATE, [t], batch_size=1,
+                                            max_new_tokens=12, progress=False)[0] for t in texts]
+    assert batched == alone
+    assert all(p.strip() for p in batched) and "<|im_end|>" not in "".join(batched)
+
+
+@pytest.mark.model
+@pytest.mark.train
+def test_build_general_adapter_with_back_translation(tmp_path, lamp7):
+    """train/build_general_adapter.py --augment, tiny: neutralizer, paraphrases, the mixed
+    dataset, one SFT step, an adapter that llama.cpp loads."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rpo_local.lora_runtime import verify_adapter
+    from rpo_local.models import embedded_model_path
+
+    root = Path(__file__).resolve().parents[1]
+    run, out = tmp_path / "run", tmp_path / "a.gguf"
+    proc = subprocess.run(
+        [sys.executable, "train/build_general_adapter.py", "--lamp", str(lamp7), "--examples", "4",
+         "--augment", "2", "--neutralizer-epochs", "0.5", "--steps", "1", "--batch-size", "2",
+         "--top-layers", "2", "--run-dir", str(run), "--out", str(out)],
+        capture_output=True, text=True, cwd=root, timeout=900, env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    paraphrased = [json.loads(line) for line in (run / "paraphrases.jsonl").read_text().splitlines()]
+    rows = dataset.read_lamp(lamp7, skip=100, limit=4)
+    assert [p["text"] for p in paraphrased] == backtranslate.profile_texts(rows, 2)
+    examples = dataset.read_jsonl(run / "train.jsonl")
+    gold = {r["output"].strip() for r in rows}
+    augmented = [ex for ex in examples if ex.target not in gold]
+    assert all(ex.target in {p["text"] for p in paraphrased} for ex in augmented)
+    assert (run / "neutralizer.lora.gguf").is_file()
+    verify_adapter(embedded_model_path(), out)
