@@ -67,11 +67,8 @@ def main() -> None:
         dataset.write_jsonl(data_path, examples)
     print(f"{len(examples)} examples -> {data_path}", file=sys.stderr)
 
-    cfg = sft.SFTConfig(rank=args.rank, alpha=2.0 * args.rank, lr=args.lr, epochs=args.epochs,
-                        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                        threads=args.threads, top_layers=args.top_layers, device=args.device,
-                        checkpoint_every=args.checkpoint_every,
-                        init_adapter=str(args.init_adapter) if args.init_adapter else None)
+    cfg = sft_config(args, epochs=args.epochs, steps=args.steps,
+                     init_adapter=str(args.init_adapter) if args.init_adapter else None)
     t0 = time.perf_counter()
     model, result = sft.train(model_path, examples, args.run_dir, cfg)
     export.export_gguf(model, args.out, meta={
@@ -83,6 +80,12 @@ def main() -> None:
                "base_sha256": sha256(model_path)}
     (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(json.dumps({k: v for k, v in summary["train"].items() if k != "losses"}))
+
+
+def sft_config(args: argparse.Namespace, **run: object) -> sft.SFTConfig:
+    return sft.SFTConfig(rank=args.rank, alpha=2.0 * args.rank, lr=args.lr, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, threads=args.threads, top_layers=args.top_layers,
+                         device=args.device, checkpoint_every=args.checkpoint_every, **run)
 
 
 def build_examples(args: argparse.Namespace, rows: list[dict], model_path: Path) -> list[dataset.Example]:
@@ -106,10 +109,7 @@ def paraphrase_history(args: argparse.Namespace, rows: list[dict], model_path: P
     if cache.exists():
         return backtranslate.read_paraphrases(cache)
     pairs = backtranslate.neutralizer_examples(rows, template)
-    cfg = sft.SFTConfig(rank=args.rank, alpha=2.0 * args.rank, lr=args.lr, epochs=args.neutralizer_epochs,
-                        batch_size=args.batch_size,
-                        grad_accum=args.grad_accum, threads=args.threads, top_layers=args.top_layers,
-                        device=args.device, checkpoint_every=args.checkpoint_every)
+    cfg = sft_config(args, epochs=args.neutralizer_epochs)
     base = sft.load_base(model_path, args.threads, args.device)
     model, result = sft.train(model_path, pairs, args.run_dir / "neutralizer", cfg, base=base)
     export.export_gguf(model, args.run_dir / "neutralizer.lora.gguf",
