@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 from rpo_local.models import resolve_model_path, sha256
-from rpo_local.store import Store
+from rpo_local.store import Store, digest
 from rpo_local.training import backtranslate, dataset, export, sft
 
-EVAL_USERS = 100
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,7 +57,7 @@ def main() -> None:
 
     model_path = resolve_model_path(args.model)
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    rows = dataset.read_lamp(args.lamp, skip=EVAL_USERS + args.offset, limit=args.examples)
+    rows = dataset.read_lamp(args.lamp, skip=dataset.EVAL_USERS + args.offset, limit=args.examples)
     data_path = args.run_dir / "train.jsonl"
     if data_path.exists():
         examples = dataset.read_jsonl(data_path)
@@ -73,7 +72,7 @@ def main() -> None:
     model, result = sft.train(model_path, examples, args.run_dir, cfg)
     export.export_gguf(model, args.out, meta={
         "base_sha256": sha256(model_path),
-        "data": f"LaMP-7 dev users {EVAL_USERS + args.offset}+ (n={len(examples)}, augment={args.augment})",
+        "data": f"LaMP-7 dev users {dataset.EVAL_USERS + args.offset}+ (n={len(examples)}, augment={args.augment})",
     })
     summary = {"adapter": str(args.out), "bytes": args.out.stat().st_size, "config": cfg.__dict__,
                "train": result.to_dict(), "wall_s": round(time.perf_counter() - t0, 1),
@@ -119,7 +118,7 @@ def paraphrase_history(args: argparse.Namespace, rows: list[dict], model_path: P
     out = backtranslate.paraphrase_batch(model, base[1], template, texts,
                                          batch_size=256 if args.device != "cpu" else 8)
     backtranslate.write_paraphrases(cache, texts, out)
-    return backtranslate.read_paraphrases(cache)
+    return {digest(t): p for t, p in zip(texts, out, strict=True)}
 
 
 if __name__ == "__main__":

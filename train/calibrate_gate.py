@@ -30,7 +30,6 @@ from rpo_local.training import dataset
 from rpo_local.training.rl import rouge1_reward
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_USERS = 100
 THRESHOLDS = [round(0.1 * i, 1) for i in range(10)]
 
 
@@ -57,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
 
     config = load_config()
-    cases = held_out(dataset.read_lamp(args.lamp, skip=EVAL_USERS), args.skip_items, args.users)
+    cases = held_out(dataset.read_lamp(args.lamp, skip=dataset.EVAL_USERS), args.skip_items, args.users)
     engine = open_engine(config, adapter=args.neutralizer)
     generics = [dataset.paraphrase(engine, y) for _, y in tqdm(cases, desc="paraphrase", file=sys.stderr)]
     engine.set_adapter(args.adapter)

@@ -28,7 +28,6 @@ from rpo_local.models import embedded_model_path, sha256
 from rpo_local.store import Store
 from rpo_local.training import dataset, export, rl, sft
 
-EVAL_USERS = 100
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,7 +52,7 @@ def main() -> None:
     if rollout_path.exists():
         rolls = [json.loads(line) for line in rollout_path.read_text(encoding="utf-8").split("\n") if line]
     else:
-        rows = dataset.read_lamp(args.lamp, skip=EVAL_USERS + args.offset, limit=args.examples)
+        rows = dataset.read_lamp(args.lamp, skip=dataset.EVAL_USERS + args.offset, limit=args.examples)
         db = args.run_dir / "retrieval.db"
         db.unlink(missing_ok=True)
         with Store.open(db) as store:
@@ -82,7 +81,7 @@ def main() -> None:
     model, result = sft.train(model_path, kept, args.run_dir, cfg)
     export.export_gguf(model, args.out, meta={
         "base_sha256": sha256(model_path),
-        "data": f"LaMP-7 dev users {EVAL_USERS + args.offset}+ (RL: {len(kept)} of {len(rollouts)} kept)",
+        "data": f"LaMP-7 dev users {dataset.EVAL_USERS + args.offset}+ (RL: {len(kept)} of {len(rollouts)} kept)",
     })
     summary = {"adapter": str(args.out), "rollouts": figures, "config": cfg.__dict__,
                "train": result.to_dict(), "wall_s": round(time.perf_counter() - t0, 1)}

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from rpo_local.engine import Engine
     from rpo_local.store import Store
 
+EVAL_USERS = 100  # LaMP users 0-99 are `rpo eval`'s: neither their outputs nor profiles are trained on
 EOT = "<|im_end|>"  # ends the assistant turn in SmolLM2's chat format
 LAMP_INPUT_PREFIX = re.compile(r"^\s*Paraphrase the following tweet without any explanation before or after it:\s*")
 # Pairs where the user's text keeps less than 40% of the generic text's content words are not

@@ -66,7 +66,6 @@ def export_gguf(model: Any, path: Path, *, dtype: str = "f16", meta: dict | None
     from gguf import GGUFWriter
 
     alpha = model.peft_config["default"].lora_alpha
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.writing")

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from rpo_local.store import Store
 
 MIN_ITEMS = 8  # fewer texts than this teach nothing and leave nothing to evaluate on
-EVAL_USERS = 100  # LaMP users 0-99 are `rpo eval`'s: never trained on
 Sink = Callable[[dict], None]
 
 
@@ -154,9 +153,9 @@ def build_lamp_data(path: Path, users: int, run_dir: Path, template: str, k: int
     """Train on LaMP users after the first 100 (the eval users), hold out the last tenth."""
     from rpo_local.store import Store
 
-    rows = dataset.read_lamp(path, skip=EVAL_USERS, limit=users)
+    rows = dataset.read_lamp(path, skip=dataset.EVAL_USERS, limit=users)
     if len(rows) < 4:
-        raise InputError(f"{path}: {len(rows)} users after the first {EVAL_USERS}; need at least 4")
+        raise InputError(f"{path}: {len(rows)} users after the first {dataset.EVAL_USERS}; need at least 4")
     db = run_dir / "retrieval.db"
     db.unlink(missing_ok=True)
     with Store.open(db) as lamp_store:
