@@ -1,11 +1,12 @@
 """Training throughput of the reflection LoRA on this machine; prints ONE JSON line.
 
-    .venv/bin/python bench/bench_train.py [--examples 24] [--steps 4] [--top-layers 10]
+    .venv/bin/python bench/bench_train.py [--examples 24] [--steps 4] [--top-layers 10] [--init-adapter A.gguf]
 
 Examples are LaMP-7 users after the first 100 (read from ../shared/data/lamp7 at run time).
 The first step is a warm-up and is not timed. Figures: tokens/s (prompt + completion tokens
 through forward and backward), seconds per optimizer step, peak RSS, and the projected wall
-time for 1,000 examples (one epoch) at the measured rate.
+time for 1,000 examples (one epoch) at the measured rate. With --init-adapter, training continues
+from that adapter as per-user training does (its LoRA on its blocks, the top N of them learning).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--top-layers", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--init-adapter", type=Path, help="continue from this GGUF adapter (per-user training)")
     args = ap.parse_args()
 
     model_path = embedded_model_path()
@@ -43,7 +45,8 @@ def main() -> None:
         base = sft.load_base(model_path, args.threads)
         load_s = time.perf_counter() - t0
         cfg = sft.SFTConfig(steps=1, batch_size=args.batch_size, grad_accum=1, top_layers=args.top_layers,
-                            threads=args.threads, checkpoint_every=10**9)
+                            threads=args.threads, checkpoint_every=10**9,
+                            init_adapter=str(args.init_adapter) if args.init_adapter else None)
         model, _ = sft.train(model_path, examples, Path(tmp) / "warm", cfg, progress=False, base=base)
         cfg.steps = args.steps
         cfg.seed = 1  # another order, another checkpoint fingerprint: no resume
@@ -52,6 +55,7 @@ def main() -> None:
     tokens_per_example = res.tokens / (res.steps * args.batch_size)
     print(json.dumps({
         "examples_per_step": args.batch_size, "top_layers": args.top_layers, "steps": res.steps,
+        "init_adapter": args.init_adapter.name if args.init_adapter else None,
         "tokens_per_s": res.tokens_per_s, "s_per_step": res.s_per_step,
         "tokens_per_example": round(tokens_per_example, 1), "peak_rss_mb": res.peak_rss_mb,
         "model_load_s": round(load_s, 1),

@@ -33,24 +33,53 @@ def _write_adapter(path, blocks: list[int], modules: list[str], rank: int, alpha
 
 
 def test_continuing_from_an_adapter_takes_its_shape(tmp_path):
-    """Per-user training starts from the shipped adapter: a LoRA of another rank or on other
-    blocks would silently drop part of it (load_gguf_lora loads what matches)."""
+    """Per-user training starts from the shipped adapter: a LoRA of another rank or on fewer
+    blocks would silently drop part of it (load_gguf_lora loads what matches). Which blocks
+    learn is still the caller's `top_layers`."""
     from rpo_local.errors import ModelError
     from rpo_local.training import export, sft
 
     top2 = _write_adapter(tmp_path / "top2.gguf", [28, 29], ["attn_q", "ffn_down"], rank=4, alpha=8.0)
     assert export.adapter_layout(top2) == (8.0, 4, [28, 29], ("q_proj", "down_proj"))
     cfg = sft.fit_to_adapter(sft.SFTConfig(rank=8, alpha=16.0, top_layers=10, init_adapter=str(top2)), 30)
-    assert (cfg.rank, cfg.alpha, cfg.top_layers, cfg.targets) == (4, 8.0, 2, ("q_proj", "down_proj"))
+    assert (cfg.rank, cfg.alpha, cfg.targets) == (4, 8.0, ("q_proj", "down_proj"))
+    assert (cfg.lora_layers, cfg.top_layers) == (10, 10)  # the wider of the two carries a LoRA
 
     every = _write_adapter(tmp_path / "all.gguf", list(range(30)), ["attn_v"], rank=8, alpha=16.0)
-    assert sft.fit_to_adapter(sft.SFTConfig(top_layers=10, init_adapter=str(every)), 30).top_layers == 0
+    cfg = sft.fit_to_adapter(sft.SFTConfig(top_layers=10, init_adapter=str(every)), 30)
+    assert (cfg.lora_layers, cfg.top_layers) == (0, 10)  # LoRA on all 30 blocks, the top 10 learn
+    assert sft.fit_to_adapter(sft.SFTConfig(top_layers=0, init_adapter=str(top2)), 30).lora_layers == 0
 
     gap = _write_adapter(tmp_path / "gap.gguf", [27, 29], ["attn_q"], rank=4, alpha=8.0)
     with pytest.raises(ModelError):
         sft.fit_to_adapter(sft.SFTConfig(init_adapter=str(gap)), 30)
 
 
+@pytest.mark.model
+def test_training_on_top_of_the_shipped_adapter_keeps_its_lower_blocks(tmp_path, model_path):
+    """Per-user training from the all-block shipped adapter with --top-layers 2: blocks 0-27
+    keep the shipped LoRA exactly (applied, not learning, no gradient computed), blocks 28-29
+    learn, and the exported adapter still covers all 30 blocks."""
+    from fakes import SMOLLM2_TEMPLATE
+    from rpo_local.adapters import builtin_adapter_path
+    from rpo_local.training import dataset, export, sft
+
+    shipped = builtin_adapter_path()
+    example = dataset.make_example(SMOLLM2_TEMPLATE, "u", "I am going to the shop now.",
+                                   "off 2 the shop lol", ["lol ok", "brb shop"])
+    cfg = sft.SFTConfig(steps=1, batch_size=1, grad_accum=1, lr=5e-2, top_layers=2, init_adapter=str(shipped))
+    model, _ = sft.train(model_path, [example], tmp_path / "run", cfg, progress=False)
+    learning = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert learning and all(".layers.28." in n or ".layers.29." in n for n in learning)
+
+    out = export.export_gguf(model, tmp_path / "user.lora.gguf")
+    assert export.adapter_layout(out)[2] == list(range(30))
+    _, before = export.read_gguf_lora(shipped)
+    _, after = export.read_gguf_lora(out)
+    for name, value in after.items():
+        block = int(name.split(".")[1])
+        same = np.allclose(value, before[name], atol=1e-3)
+        assert same == (block < 28), name
 def test_the_shipped_adapter_covers_every_block():
     from rpo_local.adapters import builtin_adapter_path
     from rpo_local.training import export

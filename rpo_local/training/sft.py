@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -39,9 +40,12 @@ class SFTConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: tuple[str, ...] = ALL_LINEAR
-    # LoRA on the top `top_layers` blocks only (0: all): backpropagation then stops there, which
-    # makes a CPU step about twice as cheap and keeps activation memory small.
+    # Only the LoRA of the top `top_layers` blocks learns (0: all): backpropagation then stops
+    # there, which makes a CPU step about twice as cheap and keeps activation memory small.
     top_layers: int = 0
+    # Blocks that carry a LoRA (the top N, 0: all); None: the ones that learn. Continuing from an
+    # adapter on more blocks, its LoRA below the learning blocks is applied but kept fixed.
+    lora_layers: int | None = None
     lr: float = 3e-4
     epochs: float = 1.0
     steps: int | None = None  # optimizer steps; overrides epochs
@@ -102,24 +106,41 @@ def add_lora(model: Any, cfg: SFTConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
     n_layers = model.config.num_hidden_layers
-    layers = list(range(n_layers - cfg.top_layers, n_layers)) if 0 < cfg.top_layers < n_layers else None
+    carry = cfg.top_layers if cfg.lora_layers is None else cfg.lora_layers
     lora = LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=list(cfg.targets), layers_to_transform=layers, bias="none", task_type="CAUSAL_LM",
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
+        layers_to_transform=_top_blocks(carry, n_layers), bias="none", task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    learn = _top_blocks(cfg.top_layers, n_layers)
+    if learn is not None:
+        for name, param in model.named_parameters():
+            block = _BLOCK.search(name)
+            if param.requires_grad and block and int(block.group(1)) < learn[0]:
+                param.requires_grad_(False)
+    return model
+
+
+_BLOCK = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _top_blocks(n: int, n_layers: int) -> list[int] | None:
+    """The top `n` block indices; None for all of them (n = 0 or n >= n_layers)."""
+    return list(range(n_layers - n, n_layers)) if 0 < n < n_layers else None
 
 
 def fit_to_adapter(cfg: SFTConfig, n_layers: int) -> SFTConfig:
-    """`cfg` with the rank, alpha, blocks and targets of the adapter it continues from: a LoRA
-    of another shape would silently leave part of that adapter behind."""
+    """`cfg` with the rank, alpha and targets of the adapter it continues from, and a LoRA on
+    its blocks too (a LoRA of another shape would silently leave part of that adapter behind);
+    which blocks learn stays `cfg.top_layers`."""
     from rpo_local.training.export import adapter_layout
 
     alpha, rank, blocks, targets = adapter_layout(Path(cfg.init_adapter or ""))
-    top = n_layers - blocks[0]
     if blocks != list(range(blocks[0], n_layers)):
         raise ModelError(f"{cfg.init_adapter}: LoRA on blocks {blocks} is not on the top blocks of {n_layers}")
-    return replace(cfg, rank=rank, alpha=alpha, targets=targets, top_layers=0 if top == n_layers else top)
+    top = n_layers - blocks[0]
+    carry = 0 if top == n_layers or cfg.top_layers == 0 else max(top, cfg.top_layers)
+    return replace(cfg, rank=rank, alpha=alpha, targets=targets, lora_layers=carry)
 
 
 def encode(tok: Any, examples: Sequence[Example], max_len: int) -> tuple[list[tuple[list[int], int]], int]:
