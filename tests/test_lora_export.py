@@ -60,12 +60,11 @@ def test_training_on_top_of_the_shipped_adapter_keeps_its_lower_blocks(tmp_path,
     """Per-user training from the all-block shipped adapter with --top-layers 2: blocks 0-27
     keep the shipped LoRA exactly (applied, not learning, no gradient computed), blocks 28-29
     learn, and the exported adapter still covers all 30 blocks."""
-    from fakes import SMOLLM2_TEMPLATE
     from rpo_local.adapters import builtin_adapter_path
     from rpo_local.training import dataset, export, sft
 
     shipped = builtin_adapter_path()
-    example = dataset.make_example(SMOLLM2_TEMPLATE, "u", "I am going to the shop now.",
+    example = dataset.make_example(dataset.gguf_chat_template(model_path), "u", "I am going to the shop now.",
                                    "off 2 the shop lol", ["lol ok", "brb shop"])
     cfg = sft.SFTConfig(steps=1, batch_size=1, grad_accum=1, lr=5e-2, top_layers=2, init_adapter=str(shipped))
     model, _ = sft.train(model_path, [example], tmp_path / "run", cfg, progress=False)
