@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,112 @@ def test_samples_use_the_sampling_temperature_and_distinct_seeds():
 
     rl.rollouts(Recording(), [_example()], load_config(), n=3, temperature=0.7)
     assert {t for t, _ in seen} == {0.7} and len({s for _, s in seen}) == 3
+
+
+# -- rollouts batched in torch (the GPU path) ------------------------------------------------
+
+KEEPS = "so tired after the long trip to paris today lol"  # keeps the generic text's content
+RAWS = [
+    f"short</style>\n<diff>generic is longer</diff>\n<edits>shorten</edits>\n<answer>{KEEPS}</answer>",
+    "short</style>\n<diff>x</diff>\n<edits>y</edits>\n<answer>I like turtles</answer>",  # drops the content
+    "short</style> and never answers",
+]
+
+
+def _fake_generate(monkeypatch, calls: list | None = None, pause: float = 0.0) -> None:
+    """torch generation replaced: sample i of every prompt is RAWS[i]."""
+    from rpo_local.training import generate
+
+    def fake(model, tok, texts, *, n=1, **kw):  # noqa: ANN001, ANN003, ANN202
+        if calls is not None:
+            calls.append(len(texts))
+        time.sleep(pause)
+        return [[RAWS[i % len(RAWS)] for i in range(n)] for _ in texts]
+
+    monkeypatch.setattr(generate, "generate", fake)
+
+
+def test_torch_rollouts_gate_and_reward_each_sample_like_the_runtime(monkeypatch):
+    _fake_generate(monkeypatch)
+    ex = _example()
+    (roll,) = rl.torch_rollouts(None, None, [ex], n=3, min_kept=0.5)
+    assert roll.baseline == pytest.approx(rouge(GENERIC, TARGET)[0])
+    good, dropped, unparsed = roll.samples
+    assert not good.fallback and good.answer == KEEPS and good.reward == pytest.approx(rouge(KEEPS, TARGET)[0])
+    traj = prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + good.completion.removesuffix(dataset.EOT))
+    assert traj.answer == KEEPS and traj.edits == "shorten"
+    # what the gate refuses, or what has no answer, is the generic text, as `rpo rewrite` prints it
+    for s in (dropped, unparsed):
+        assert s.fallback and s.answer == GENERIC and s.reward == roll.baseline
+    assert rl.select([roll], 0.05) == [dataclasses.replace(ex, completion=good.completion)]
+
+
+def test_torch_rollouts_sample_in_chunks_until_the_deadline(monkeypatch):
+    calls: list[int] = []
+    _fake_generate(monkeypatch, calls)
+    rolls = rl.torch_rollouts(None, None, [_example()] * 5, n=2, chunk=2)
+    assert calls == [2, 2, 1] and len(rolls) == 5 and all(len(r.samples) == 2 for r in rolls)
+
+    calls.clear()
+    assert rl.torch_rollouts(None, None, [_example()] * 5, chunk=2, deadline=time.monotonic() - 1) == []
+    _fake_generate(monkeypatch, calls, pause=0.2)  # the deadline passes during the first chunk
+    rolls = rl.torch_rollouts(None, None, [_example()] * 5, chunk=2, deadline=time.monotonic() + 0.1)
+    assert calls == [2] and len(rolls) == 2
+
+
+@pytest.mark.model
+@pytest.mark.train
+def test_real_torch_rollouts_from_the_shipped_adapter(lamp7, store, model_path):
+    """The GPU path on the CPU: the base model in torch with the shipped GGUF adapter loaded
+    samples parseable trajectories in one batch, each rewarded against the user's tweet."""
+    from rpo_local.adapters import builtin_adapter_path
+    from rpo_local.training import sft
+
+    rows = dataset.read_lamp(lamp7, skip=100, limit=6)
+    examples = dataset.lamp_examples(rows, store, SMOLLM2_TEMPLATE, min_kept=0.0)[:2]
+    model, tok = sft.load_base(model_path)
+    model, _ = sft.with_lora(model, sft.SFTConfig(init_adapter=str(builtin_adapter_path())))
+    rolls = rl.torch_rollouts(model, tok, examples, n=3, temperature=1.0, min_kept=0.0, max_new_tokens=160,
+                              progress=False)
+    answers = set()
+    for roll, ex in zip(rolls, examples, strict=True):
+        assert roll.baseline == pytest.approx(rouge(ex.generic, ex.target)[0]) and len(roll.samples) == 3
+        for s in roll.samples:
+            assert s.reward == pytest.approx(rouge(s.answer, ex.target)[0])
+            if not s.fallback:
+                traj = prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + s.completion.removesuffix(dataset.EOT))
+                assert traj.answer == s.answer and traj.style
+                answers.add(s.answer)
+    assert len(answers) > 2, "sampling at temperature 1 gave (almost) identical or no rewrites"
+
+
+@pytest.mark.model
+@pytest.mark.train
+def test_rl_general_adapter_script_with_torch_rollouts(tmp_path, lamp7, rpo_home):
+    """train/rl_general_adapter.py --engine torch, tiny: held-out validation before and after,
+    one round of rollouts, training on the kept ones, an adapter llama.cpp loads."""
+    from rpo_local.lora_runtime import verify_adapter
+    from rpo_local.models import embedded_model_path
+
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train/rl_general_adapter.py", "--engine", "torch", "--lamp", str(lamp7),
+         "--init-adapter", "rpo_local/assets/reflect-lamp7.lora.gguf", "--examples", "3", "--val", "1",
+         "--samples", "2", "--temperature", "1.0", "--margin=-1", "--epochs", "1", "--top-layers", "2",
+         "--run-dir", str(run), "--out", str(tmp_path / "out.gguf")],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    val, lamp = dataset.read_jsonl(run / "val.jsonl"), dataset.read_jsonl(run / "lamp.jsonl")
+    assert len(val) == 1 and val[0].user not in {ex.user for ex in lamp}  # held out of the rollouts
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val_before"]["n"] == 1 and 0 <= summary["val_before"]["rpo"] <= 1
+    (round1,) = summary["rounds"]
+    assert round1["rollouts"]["samples"] == 2 * len(lamp) and round1["val"]["n"] == 1
+    kept = dataset.read_jsonl(run / "kept1.jsonl")
+    assert round1["rollouts"]["kept"] == len(kept) == round1["train"]["examples"] >= 1
+    assert (tmp_path / "out.gguf").read_bytes() == (run / "round1.gguf").read_bytes()
+    verify_adapter(embedded_model_path(), run / "round1.gguf")
 
 
 @pytest.mark.model

@@ -1,32 +1,48 @@
 """RL stage for the general reflection adapter: reward-ranked fine-tuning from an SFT adapter.
 
-Samples `--samples` rewrites per training user with the SFT adapter in llama.cpp, rewards
-them with ROUGE-1 against the user's real tweet, keeps the best where it beats the generic
-text, and fine-tunes the adapter further on those (see rpo_local/training/rl.py).
+Each round samples `--samples` rewrites per training example with the current adapter, rewards
+them with ROUGE-1 against the user's real tweet, keeps the best where it beats the generic text
+by `--margin`, and fine-tunes the adapter further on those (see rpo_local/training/rl.py).
 Training users start after the first 100 (the evaluation users of `rpo eval`).
 
-    nice -n 10 .venv/bin/python train/rl_general_adapter.py --init-adapter train/runs/general/adapter.gguf \
-        --offset 0 --examples 300 --out rpo_local/assets/reflect-lamp7.lora.gguf
+On a CPU, rollouts run in llama.cpp over the LaMP pairs:
 
-Writes rollouts.jsonl (every sample and its reward), train.jsonl (the kept trajectories),
-checkpoints and summary.json into --run-dir; rerunning resumes from what is there.
+    nice -n 10 .venv/bin/python train/rl_general_adapter.py --init-adapter train/runs/general/adapter.gguf \
+        --examples 300 --out rpo_local/assets/reflect-lamp7.lora.gguf
+
+On a GPU (--device cuda) they run batched in torch, `--budget-s` seconds per round, over the
+LaMP pairs and back-translated history items (--augment N, with the paraphrase cache of a build
+run: --paraphrases);
+`--val N` holds the last N training users out and scores them (greedy, content gate on)
+before and after each round:
+
+    .venv/bin/python train/rl_general_adapter.py --device cuda --init-adapter A.gguf --examples 946 \
+        --augment 40 --paraphrases train/runs/bt/paraphrases.jsonl --val 100 --rounds 2 --budget-s 150 \
+        --top-layers 0 --lr 2e-4 --epochs 1 --batch-size 32 --grad-accum 1
+
+Writes lamp.jsonl, augment.jsonl and val.jsonl (the examples; reused when present), per round rollouts and
+the kept trajectories, checkpoints, round{R}.gguf and summary.json into --run-dir; --out gets
+the last round's adapter.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import shutil
 import sys
 import time
 from dataclasses import asdict
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from rpo_local.config import load_config
-from rpo_local.engine import LlamaEngine
 from rpo_local.fsutil import atomic_write_text
-from rpo_local.models import embedded_model_path, sha256
+from rpo_local.models import resolve_model_path, sha256
 from rpo_local.store import Store
-from rpo_local.training import dataset, export, rl, sft
+from rpo_local.training import backtranslate, dataset, export, rl, sft
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,59 +50,171 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lamp", type=Path, default=ROOT.parent / "shared" / "data" / "lamp7" / "dev.jsonl")
+    ap.add_argument("--model", type=Path, default=None, help="base GGUF (default: the embedded model)")
     ap.add_argument("--init-adapter", type=Path, required=True, help="the SFT adapter to improve")
     ap.add_argument("--examples", type=int, default=300, help="training users (after the first 100)")
     ap.add_argument("--offset", type=int, default=0, help="skip this many training users")
-    ap.add_argument("--samples", type=int, default=4, help="rollouts per user")
+    ap.add_argument("--augment", type=int, default=0, help="back-translated history items per user (0: none)")
+    ap.add_argument("--paraphrases", type=Path, default=None, help="their paraphrase cache (build_general_adapter.py)")
+    ap.add_argument("--val", type=int, default=0, help="hold out the last N training users and score them")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--samples", type=int, default=4, help="rollouts per example")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--margin", type=float, default=0.05, help="reward a kept sample must add over the generic text")
+    ap.add_argument("--budget-s", type=float, default=None, help="seconds of rollouts per round (torch)")
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--top-layers", type=int, default=10, help="blocks whose LoRA learns (0: all)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or mps (training, and torch rollouts)")
+    ap.add_argument("--engine", choices=["llama", "torch"], default=None,
+                    help="rollouts in llama.cpp or batched in torch (default: llama on cpu, else torch)")
     ap.add_argument("--run-dir", type=Path, default=ROOT / "train" / "runs" / "rl")
     ap.add_argument("--out", type=Path, default=ROOT / "rpo_local" / "assets" / "reflect-lamp7.lora.gguf")
     args = ap.parse_args()
 
-    model_path = embedded_model_path()
+    model_path = resolve_model_path(args.model)
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    rollout_path = args.run_dir / "rollouts.jsonl"
-    if rollout_path.exists():
-        rolls = [json.loads(line) for line in rollout_path.read_text(encoding="utf-8").split("\n") if line]
-    else:
-        rows = dataset.read_lamp(args.lamp, skip=dataset.EVAL_USERS + args.offset, limit=args.examples)
-        db = args.run_dir / "retrieval.db"
-        db.unlink(missing_ok=True)
-        with Store.open(db) as store:
-            # Every user, rewrite or not: the reward decides what is learned.
-            examples = dataset.lamp_examples(rows, store, dataset.gguf_chat_template(model_path), min_kept=0.0)
-        engine = LlamaEngine(model_path, n_ctx=2048, adapter_path=args.init_adapter)
-        t0 = time.perf_counter()
+    args.engine = args.engine or ("llama" if args.device == "cpu" else "torch")
+    lamp, extra, val = examples(args, model_path)
+    print(f"{len(lamp)} LaMP pairs + {len(extra)} history items to sample, {len(val)} to validate",
+          file=sys.stderr)
+    adapter, at, rounds = args.init_adapter, 0, []
+    scored = validate(model_path, args, adapter, val) if val else None
+    for r in range(1, args.rounds + 1):
+        # Every round samples all LaMP pairs, then the history items where the last round stopped.
+        pool = lamp + extra[at:] + extra[:at]
+        trained, figures = one_round(args, model_path, adapter, pool, val, r)
+        if trained is None:
+            break
+        adapter = trained
+        at = (at + max(0, figures["rollouts"]["examples"] - len(lamp))) % max(1, len(extra))
+        rounds.append(figures)
+        print(json.dumps(figures), flush=True)
+        summary = {"init_adapter": str(args.init_adapter), "val_before": scored, "rounds": rounds}
+        atomic_write_text(args.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    if rounds:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(adapter, args.out)
 
-        def progress(done: int, total: int) -> None:
-            eta = (time.perf_counter() - t0) / done * (total - done)
-            print(f"rollouts {done}/{total}, ETA {eta:.0f}s", file=sys.stderr, flush=True)
 
-        rolls = [asdict(r) for r in rl.rollouts(engine, examples, load_config(), n=args.samples,
-                                                        temperature=args.temperature, on_progress=progress)]
-        atomic_write_text(rollout_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rolls))
-    rollouts = [rl.Rollout(dataset.Example(**r["example"]), r["baseline"], [rl.Sample(**s) for s in r["samples"]])
-                for r in rolls]
-    kept = rl.select(rollouts, args.margin)
-    figures = rl.summary(rollouts, kept)
-    print(json.dumps(figures), file=sys.stderr)
-    dataset.write_jsonl(args.run_dir / "train.jsonl", kept)
-
-    cfg = sft.SFTConfig(rank=8, alpha=16.0, lr=args.lr, epochs=args.epochs, batch_size=4, grad_accum=2,
-                        threads=1, top_layers=10, checkpoint_every=5, init_adapter=str(args.init_adapter))
+def one_round(args: argparse.Namespace, model_path: Path, adapter: Path, pool: list[dataset.Example],
+              val: list[dataset.Example], r: int) -> tuple[Path | None, dict]:
+    """Rollouts with `adapter`, the kept ones trained on: (the new adapter or None, figures)."""
     t0 = time.perf_counter()
-    model, result = sft.train(model_path, kept, args.run_dir, cfg)
-    export.export_gguf(model, args.out, meta={
+    rolls = rollouts(args, model_path, adapter, pool, r)
+    kept = rl.select(rolls, args.margin)
+    figures: dict = {"round": r, "rollouts": rl.summary(rolls, kept),
+                     "rollout_s": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(figures), file=sys.stderr, flush=True)
+    dataset.write_jsonl(args.run_dir / f"kept{r}.jsonl", kept)
+    if not kept:
+        print(f"round {r}: no rollout beat the generic text by {args.margin}; stopping", file=sys.stderr)
+        return None, figures
+    cfg = sft.SFTConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                        top_layers=args.top_layers, device=args.device, checkpoint_every=50,
+                        init_adapter=str(adapter), seed=r)
+    model, result = sft.train(model_path, kept, args.run_dir / f"round{r}", cfg)
+    trained = export.export_gguf(model, args.run_dir / f"round{r}.gguf", meta={
         "base_sha256": sha256(model_path),
-        "data": f"LaMP-7 dev users {dataset.EVAL_USERS + args.offset}+ (RL: {len(kept)} of {len(rollouts)} kept)",
+        "data": f"LaMP-7 dev users {dataset.EVAL_USERS + args.offset}+, RL round {r}: {len(kept)}/{len(rolls)} kept",
     })
-    summary = {"adapter": str(args.out), "rollouts": figures, "config": cfg.__dict__,
-               "train": result.to_dict(), "wall_s": round(time.perf_counter() - t0, 1)}
-    (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(json.dumps({k: v for k, v in summary["train"].items() if k != "losses"}))
+    figures["train"] = {k: v for k, v in result.to_dict().items() if k != "losses"}
+    figures["val"] = score(model, tokenizer(model_path), val) if val else None
+    figures["wall_s"] = round(time.perf_counter() - t0, 1)
+    return trained, figures
+
+
+def examples(args: argparse.Namespace, model_path: Path) -> tuple[list, list, list]:
+    """(LaMP pairs, back-translated history items, validation pairs), built once and kept in
+    --run-dir. Every training user's LaMP pair is sampled, rewrite or not: the reward decides
+    what is learned. The --val users are neither sampled nor trained on."""
+    paths = [args.run_dir / f"{name}.jsonl" for name in ("lamp", "augment", "val")]
+    if all(p.exists() for p in paths):
+        return tuple(dataset.read_jsonl(p) for p in paths)  # type: ignore[return-value]
+    rows = dataset.read_lamp(args.lamp, skip=dataset.EVAL_USERS + args.offset, limit=args.examples)
+    held = {str(row["id"]) for row in rows[len(rows) - args.val:]} if args.val else set()
+    train_rows = [row for row in rows if str(row["id"]) not in held]
+    template = dataset.gguf_chat_template(model_path)
+    for name in ("retrieval.db", "augment.db"):
+        (args.run_dir / name).unlink(missing_ok=True)
+    with Store.open(args.run_dir / "retrieval.db") as store:
+        lamp = dataset.lamp_examples(rows, store, template, min_kept=0.0)
+    extra: list[dataset.Example] = []
+    if args.augment:
+        paraphrases = backtranslate.read_paraphrases(args.paraphrases or args.run_dir / "paraphrases.jsonl")
+        with Store.open(args.run_dir / "augment.db") as store:
+            extra = backtranslate.augmented_examples(train_rows, paraphrases, store, template, per_user=args.augment)
+        random.Random(0).shuffle(extra)
+    out = ([ex for ex in lamp if ex.user not in held], extra, [ex for ex in lamp if ex.user in held])
+    for path, part in zip(paths, out, strict=True):
+        dataset.write_jsonl(path, part)
+    return out
+
+
+def rollouts(args: argparse.Namespace, model_path: Path, adapter: Path,
+             pool: list[dataset.Example], r: int) -> list[rl.Rollout]:
+    """This round's rollouts with `adapter`: in llama.cpp on a CPU, in torch on a GPU."""
+    path = args.run_dir / f"rollouts{r}.jsonl"
+    if path.exists():
+        return [rl.Rollout(dataset.Example(**d["example"]), d["baseline"], [rl.Sample(**s) for s in d["samples"]])
+                for d in map(json.loads, path.read_text(encoding="utf-8").split("\n")[:-1])]
+    config = load_config()
+    if args.engine == "llama":
+        rolls = llama_rollouts(args, model_path, adapter, pool, config)
+    else:
+        model, tok = adapter_model(model_path, args, adapter)
+        deadline = time.monotonic() + args.budget_s if args.budget_s else None
+        rolls = rl.torch_rollouts(model, tok, pool, n=args.samples, temperature=args.temperature,
+                                  min_kept=config.min_content_kept, deadline=deadline, seed=r)
+    atomic_write_text(path, "".join(json.dumps(asdict(x), ensure_ascii=False) + "\n" for x in rolls))
+    return rolls
+
+
+def llama_rollouts(args: argparse.Namespace, model_path: Path, adapter: Path,
+                 pool: list[dataset.Example], config: Any) -> list[rl.Rollout]:
+    from rpo_local.engine import LlamaEngine
+
+    engine = LlamaEngine(model_path, n_ctx=2048, adapter_path=adapter)
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        eta = (time.perf_counter() - t0) / done * (total - done)
+        print(f"rollouts {done}/{total}, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+    return rl.rollouts(engine, pool, config, n=args.samples, temperature=args.temperature, on_progress=progress)
+
+
+def adapter_model(model_path: Path, args: argparse.Namespace, adapter: Path) -> tuple[Any, Any]:
+    """The base model in torch with `adapter` loaded, on --device."""
+    model, tok = sft.load_base(model_path, device=args.device)
+    model, _ = sft.with_lora(model, sft.SFTConfig(init_adapter=str(adapter)))
+    return model, tok
+
+
+@lru_cache(maxsize=1)
+def tokenizer(model_path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
+
+
+def validate(model_path: Path, args: argparse.Namespace, adapter: Path, val: list[dataset.Example]) -> dict:
+    model, tok = adapter_model(model_path, args, adapter)
+    figures = score(model, tok, val)
+    print(json.dumps({"val": str(adapter), **figures}), flush=True)
+    return figures
+
+
+def score(model: Any, tok: Any, val: list[dataset.Example]) -> dict:
+    """Greedy rewrites of the validation examples with the runtime's content gate: mean
+    ROUGE-1 of what `rpo rewrite` would print, against keeping the generic text."""
+    rolls = rl.torch_rollouts(model, tok, val, n=1, temperature=0.0, min_kept=load_config().min_content_kept,
+                              progress=False)
+    figures = rl.summary(rolls, [])
+    return {"copy": figures["baseline_reward"], "rpo": figures["best_reward"],
+            "fell_back": figures["fallback_share"], "n": figures["examples"]}
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ one-at-a-time llama.cpp path of a laptop. torch is imported only in here.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,32 +42,13 @@ def paraphrase_batch(
     model: Any, tok: Any, template: str, texts: Sequence[str], *, batch_size: int = 256,
     max_new_tokens: int = 64, progress: bool = True,
 ) -> list[str]:
-    """Greedy neutral paraphrases of `texts` by `model` (a neutralizer), in batches of similar length."""
-    import torch
-    from tqdm import tqdm
+    """Greedy neutral paraphrases of `texts` by `model` (a neutralizer), batched in torch."""
+    from rpo_local.training.generate import generate
 
-    device = next(model.parameters()).device
-    tok.padding_side = "left"  # generation continues every row from its own end
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eot_id = tok.convert_tokens_to_ids(EOT)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out: list[str] = [""] * len(texts)
-    model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc="paraphrase", unit="batch",
-                      file=sys.stderr, disable=not progress):
-        idx = order[start:start + batch_size]
-        batch = [prompts.render_chat(template, prompts.neutral_paraphrase_messages(texts[i])) for i in idx]
-        ids = [tok(p, add_special_tokens=False).input_ids for p in batch]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device)
-        with torch.no_grad():
-            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=eot_id, pad_token_id=pad_id)
-        for row, i in enumerate(idx):
-            text = tok.decode(gen[row, width:], skip_special_tokens=True)
-            out[i] = clean_paraphrase(text, texts[i])
-    return out
+    batch = [prompts.render_chat(template, prompts.neutral_paraphrase_messages(t)) for t in texts]
+    out = generate(model, tok, batch, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   progress=progress, desc="paraphrase")
+    return [clean_paraphrase(o[0], t) for o, t in zip(out, texts, strict=True)]
 
 
 def profile_texts(rows: Sequence[dict], per_user: int) -> list[str]:

@@ -8,15 +8,17 @@ Reflector (llama.cpp, loop cutting and content gate included), reward each answe
 F against y, and keep the best trajectory only where it beats leaving g unchanged by `margin`.
 Fine-tuning on the kept trajectories (the SFT code) is a policy-gradient step with a 0/1
 advantage on the best of n: the model learns from its own analyses, where they paid off.
-Rollouts run in llama.cpp, which samples ~5x faster than torch on a CPU.
+Rollouts run in llama.cpp, which samples ~5x faster than torch on a CPU; on a GPU,
+`torch_rollouts` samples thousands of them at once in torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rpo_local import prompts
 from rpo_local.training.dataset import EOT, Example
@@ -97,6 +99,54 @@ def rollouts(
         if on_progress:
             on_progress(done, len(examples))
     return out
+
+
+def torch_rollouts(
+    model: Any,
+    tok: Any,
+    examples: Sequence[Example],
+    *,
+    n: int = 4,
+    temperature: float = 0.8,
+    min_kept: float = 0.8,
+    max_new_tokens: int = 192,
+    batch_size: int = 512,
+    chunk: int = 1024,
+    reward: Reward = rouge1_reward,
+    deadline: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[Rollout]:
+    """`rollouts` sampled in torch, `chunk` examples at a time, until `deadline` (a
+    `time.monotonic()` value) if one is given. One generation per trajectory, where the
+    runtime stops after the analysis and budgets the answer; the content gate (`min_kept`)
+    is the runtime's: an answer it refuses is a fallback, as it would be in `rpo rewrite`."""
+    from rpo_local.training.generate import generate
+
+    out = []
+    for start in range(0, len(examples), chunk):
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        part = examples[start:start + chunk]
+        texts = generate(model, tok, [ex.prompt for ex in part], n=n, temperature=temperature,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed + start,
+                         progress=progress, desc=f"rollouts {start + len(part)}/{len(examples)}")
+        for ex, raws in zip(part, texts, strict=True):
+            baseline = reward(ex.generic, ex.target)
+            out.append(Rollout(ex, baseline, [_sample(ex, raw, min_kept, reward, baseline) for raw in raws]))
+    return out
+
+
+def _sample(ex: Example, raw: str, min_kept: float, reward: Reward, baseline: float) -> Sample:
+    """A generated trajectory as a Sample; what the gate refuses falls back to the generic text."""
+    from rpo_local.reflect import keeps_content
+
+    traj = prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + raw)
+    if traj.answer is None or not keeps_content(traj.answer, ex.generic, min_kept):
+        return Sample(raw + EOT, ex.generic, baseline, True)
+    completion = prompts.format_trajectory(traj.style, traj.diff, traj.edits, traj.answer)
+    return Sample(completion[len(prompts.ASSISTANT_PREFIX):] + EOT, traj.answer,
+                  reward(traj.answer, ex.target), False)
 
 
 def select(rolls: Sequence[Rollout], margin: float = 0.05) -> list[Example]:

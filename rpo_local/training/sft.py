@@ -121,6 +121,19 @@ def add_lora(model: Any, cfg: SFTConfig) -> Any:
     return model
 
 
+def with_lora(model: Any, cfg: SFTConfig) -> tuple[Any, SFTConfig]:
+    """`model` with the LoRA `cfg` describes: a fresh one, or `cfg.init_adapter` loaded (its
+    shape then overrides `cfg`'s; the config actually used is returned)."""
+    if not cfg.init_adapter:
+        return add_lora(model, cfg), cfg
+    from rpo_local.training.export import load_gguf_lora
+
+    cfg = fit_to_adapter(cfg, model.config.num_hidden_layers)
+    model = add_lora(model, cfg)
+    load_gguf_lora(model, Path(cfg.init_adapter))
+    return model, cfg
+
+
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -225,13 +238,7 @@ def train(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model, tok = base or load_base(model_path, cfg.threads, cfg.device)
-    if cfg.init_adapter:
-        cfg = fit_to_adapter(cfg, model.config.num_hidden_layers)
-    model = add_lora(model, cfg)
-    if cfg.init_adapter:
-        from rpo_local.training.export import load_gguf_lora
-
-        load_gguf_lora(model, Path(cfg.init_adapter))
+    model, cfg = with_lora(model, cfg)
     rows, skipped = encode(tok, examples, cfg.max_len)
     if not rows:
         raise InputError(f"every example is longer than max_len={cfg.max_len} tokens")
