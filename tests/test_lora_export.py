@@ -79,6 +79,8 @@ def test_training_on_top_of_the_shipped_adapter_keeps_its_lower_blocks(tmp_path,
         block = int(name.split(".")[1])
         same = np.allclose(value, before[name], atol=1e-3)
         assert same == (block < 28), name
+
+
 def test_the_shipped_adapter_covers_every_block():
     from rpo_local.adapters import builtin_adapter_path
     from rpo_local.training import export

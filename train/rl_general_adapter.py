@@ -34,7 +34,6 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +114,14 @@ def one_round(args: argparse.Namespace, model_path: Path, adapter: Path, pool: l
     cfg = sft.SFTConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         top_layers=args.top_layers, device=args.device, checkpoint_every=50,
                         init_adapter=str(adapter), seed=r)
-    model, result = sft.train(model_path, kept, args.run_dir / f"round{r}", cfg)
+    base = sft.load_base(model_path, device=args.device)
+    model, result = sft.train(model_path, kept, args.run_dir / f"round{r}", cfg, base=base)
     trained = export.export_gguf(model, args.run_dir / f"round{r}.gguf", meta={
         "base_sha256": sha256(model_path),
         "data": f"LaMP-7 dev users {dataset.EVAL_USERS + args.offset}+, RL round {r}: {len(kept)}/{len(rolls)} kept",
     })
     figures["train"] = {k: v for k, v in result.to_dict().items() if k != "losses"}
-    figures["val"] = score(model, tokenizer(model_path), val) if val else None
+    figures["val"] = score(model, base[1], val) if val else None
     figures["wall_s"] = round(time.perf_counter() - t0, 1)
     return trained, figures
 
@@ -173,7 +173,7 @@ def rollouts(args: argparse.Namespace, model_path: Path, adapter: Path,
 
 
 def llama_rollouts(args: argparse.Namespace, model_path: Path, adapter: Path,
-                 pool: list[dataset.Example], config: Any) -> list[rl.Rollout]:
+                   pool: list[dataset.Example], config: Any) -> list[rl.Rollout]:
     from rpo_local.engine import LlamaEngine
 
     engine = LlamaEngine(model_path, n_ctx=2048, adapter_path=adapter)
@@ -191,13 +191,6 @@ def adapter_model(model_path: Path, args: argparse.Namespace, adapter: Path) -> 
     model, tok = sft.load_base(model_path, device=args.device)
     model, _ = sft.with_lora(model, sft.SFTConfig(init_adapter=str(adapter)))
     return model, tok
-
-
-@lru_cache(maxsize=1)
-def tokenizer(model_path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
 
 
 def validate(model_path: Path, args: argparse.Namespace, adapter: Path, val: list[dataset.Example]) -> dict:

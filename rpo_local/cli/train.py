@@ -71,7 +71,8 @@ LrOpt = Annotated[float, typer.Option("--lr")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1)]
 AccumOpt = Annotated[int, typer.Option("--grad-accum", min=1)]
 TopLayersOpt = Annotated[int, typer.Option(
-    "--top-layers", min=0, help="Train the LoRA of the top N blocks (0: all); an adapter continued from keeps its other blocks as they are")]
+    "--top-layers", min=0,
+    help="Train the LoRA of the top N blocks (0: all); an adapter continued from keeps its other blocks as they are")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="CPU threads (0: up to 2)")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
 ScratchOpt = Annotated[bool, typer.Option("--from-scratch", help="Do not start from the adapter in use")]
