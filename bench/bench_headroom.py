@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,10 +30,9 @@ from pathlib import Path
 from rpo_local.config import Config
 from rpo_local.evaluate import rouge
 from rpo_local.reflect import keeps_content
-from rpo_local.training.dataset import EVAL_USERS, lamp_generic, read_lamp
+from rpo_local.training.dataset import EVAL_USERS, lamp_generic, read_lamp, word_set
 
 ROOT = Path(__file__).resolve().parents[1]
-WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 FLUENT = frozenset(
     """also really currently however unfortunately actually just very quite truly definitely extremely
     hey hi hello dear well indeed simply totally absolutely certainly still though anyway anyways
@@ -43,24 +41,26 @@ FLUENT = frozenset(
 )
 
 
-def words(text: str) -> set[str]:
-    return set(WORD.findall(text.lower()))
-
-
 def learn_drop(pairs: Sequence[tuple[str, str]], min_seen: int = 3, min_absent: float = 0.75) -> frozenset[str]:
     seen: Counter[str] = Counter()
     absent: Counter[str] = Counter()
     for neutral, tweet in pairs:
-        mine = words(tweet)
-        for w in words(neutral):
+        mine = word_set(tweet)
+        for w in word_set(neutral):
             seen[w] += 1
             absent[w] += w not in mine
     return frozenset(w for w, n in seen.items() if n >= min_seen and absent[w] / n > min_absent)
 
 
 def drop_words(text: str, drop: Callable[[str], bool]) -> str:
-    kept = [t for t in text.split() if not (WORD.findall(t.lower()) and all(map(drop, WORD.findall(t.lower()))))]
+    kept = [t for t in text.split() if not (word_set(t) and all(map(drop, word_set(t))))]
     return " ".join(kept) or text
+
+
+def oracle_drop(neutral: str, gold: str) -> str:
+    """The neutral text without the words the user's tweet lacks (the gold known)."""
+    mine = word_set(gold)
+    return drop_words(neutral, lambda w: w not in mine)
 
 
 def gain(rows: Sequence[dict], edit: Callable[[str, str], str], min_kept: float) -> dict:
@@ -82,7 +82,7 @@ def main() -> None:
     drop = learn_drop([(lamp_generic(r["input"]), r["output"]) for r in train])
     fluent = drop & FLUENT
     edits = {
-        "oracle_drop": lambda n, g: drop_words(n, lambda w: w not in words(g)),
+        "oracle_drop": oracle_drop,
         "learned_drop": lambda n, g: drop_words(n, drop.__contains__),
         "fluent_drop": lambda n, g: drop_words(n, fluent.__contains__),
     }

@@ -60,10 +60,11 @@ def test_batched_paraphrases_match_one_at_a_time(model_path):
     from rpo_local.training import sft
 
     model, tok = sft.load_base(model_path)
+    template = dataset.gguf_chat_template(model_path)
     texts = ["omg so tired 2day", "I can't believe the bus was late again this morning, I waited forty minutes"]
-    batched = backtranslate.paraphrase_batch(model, tok, SMOLLM2_TEMPLATE, texts, batch_size=2,
+    batched = backtranslate.paraphrase_batch(model, tok, template, texts, batch_size=2,
                                              max_new_tokens=12, progress=False)
-    alone = [backtranslate.paraphrase_batch(model, tok, SMOLLM2_TEMPLATE, [t], batch_size=1,
+    alone = [backtranslate.paraphrase_batch(model, tok, template, [t], batch_size=1,
                                             max_new_tokens=12, progress=False)[0] for t in texts]
     assert batched == alone
     assert all(p.strip() for p in batched) and "<|im_end|>" not in "".join(batched)

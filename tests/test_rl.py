@@ -141,7 +141,7 @@ def test_real_torch_rollouts_from_the_shipped_adapter(lamp7, store, model_path):
     from rpo_local.training import sft
 
     rows = dataset.read_lamp(lamp7, skip=100, limit=6)
-    examples = dataset.lamp_examples(rows, store, SMOLLM2_TEMPLATE, min_kept=0.0)[:2]
+    examples = dataset.lamp_examples(rows, store, dataset.gguf_chat_template(model_path), min_kept=0.0)[:2]
     model, tok = sft.load_base(model_path)
     model, _ = sft.with_lora(model, sft.SFTConfig(init_adapter=str(builtin_adapter_path())))
     rolls = rl.torch_rollouts(model, tok, examples, n=3, temperature=1.0, min_kept=0.0, max_new_tokens=160,
@@ -193,7 +193,7 @@ def test_real_rollouts_sample_parseable_trajectories_from_the_shipped_adapter(la
     from rpo_local.engine import LlamaEngine
 
     rows = dataset.read_lamp(lamp7, skip=100, limit=6)
-    examples = dataset.lamp_examples(rows, store, SMOLLM2_TEMPLATE, min_kept=0.0)[:2]
+    examples = dataset.lamp_examples(rows, store, dataset.gguf_chat_template(model_path), min_kept=0.0)[:2]
     engine = LlamaEngine(model_path, n_ctx=2048, adapter_path=builtin_adapter_path())
     rolls = rl.rollouts(engine, examples, load_config(), n=3, temperature=1.0)
     answers = set()

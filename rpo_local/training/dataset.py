@@ -157,7 +157,7 @@ def describe_diff(generic: str, target: str) -> str:
         parts.append("generic has no emoticons")
     if g.end_period and not y.end_period:
         parts.append("generic ends with a period")
-    if _words(generic) != _words(target):
+    if word_set(generic) != word_set(target):
         parts.append("generic is formal, plain wording")
     return _fit(parts) or "generic already reads like the user"
 
@@ -169,8 +169,8 @@ def plan_edits(generic: str, target: str, items: Sequence[str] = ()) -> str:
     nowhere in the prompt can't be made at inference, and training on it taught the model to
     invent them."""
     g, y = features([generic]), features([target])
-    gw, yw = _words(generic), _words(target)
-    known = set().union(*map(_words, items)) if items else set()
+    gw, yw = word_set(generic), word_set(target)
+    known = set().union(*map(word_set, items)) if items else set()
     parts = []
     if g.words > y.words * 1.3:
         parts.append(f"shorten to ~{round(y.words)} words")
@@ -194,7 +194,8 @@ def plan_edits(generic: str, target: str, items: Sequence[str] = ()) -> str:
     return _fit(parts) or "keep it as is"
 
 
-def _words(text: str) -> set[str]:
+def word_set(text: str) -> set[str]:
+    """The lower-cased words of `text` (stopwords included; "don't" is one word)."""
     return set(_WORD.findall(text.lower()))
 
 
