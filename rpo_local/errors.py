@@ -56,4 +56,10 @@ class ConfigError(RpoError):
     exit_code = 9
 
 
+class AdapterMismatch(RpoError):
+    """An adapter trained for another base model than the one configured."""
+
+    exit_code = 11
+
+
 EXIT_INTERRUPTED = 130

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from rpo_local.store import Store
 
 TextSink = Callable[[str], None]
-PHASE1_STOPS = ["<|im_end|>"]  # `<answer>` is watched for in the stream instead
 # Streamed answers trail generation by this many characters, so a loop caught by
 # `prompts.loop_cut` is dropped before it is printed (about 15 tokens, ~0.15 s).
 STREAM_LAG = 64
@@ -133,20 +132,32 @@ class Reflector:
             )
         return result
 
-    def rewrite_with_items(self, generic: str, items: list[str]) -> ChunkResult:
+    def rewrite_with_items(self, generic: str, items: list[str], *, fmt: str | None = None) -> ChunkResult:
         """Rewrite a short text with the given context items: no retrieval, nothing recorded
         (held-out evaluation, where the target must not be retrieved as its own context)."""
         with self.engine.lock:
-            return self._rewrite_chunk(generic, items, None, lambda _msg: None)
+            return self._rewrite_chunk(generic, items, None, lambda _msg: None, fmt)
+
+    def trajectory_format(self) -> str:
+        """The configured trajectory format; "auto": the one the adapter was trained on."""
+        if self.config.trajectory != "auto":
+            return self.config.trajectory
+        recorded = getattr(self.engine, "adapter_format", None)
+        return recorded if recorded in prompts.FORMATS else prompts.DEFAULT_FORMAT
+
+    def _stops(self, stops: list[str]) -> list[str]:
+        """`stops` and the model's end of turn (llama.cpp stops there too; fakes and other
+        runtimes may not)."""
+        return [*stops, prompts.end_of_turn(self.engine.chat_template())]
 
     # -- one chunk ------------------------------------------------------------------------------
 
-    def _fit_items(self, generic: str, items: list[str]) -> tuple[str, list[str]]:
+    def _fit_items(self, generic: str, items: list[str], fmt: str) -> tuple[str, list[str]]:
         """The prompt with as many retrieved items as the context leaves room for."""
         template = self.engine.chat_template()
         budget = self.engine.n_ctx - self.config.trajectory_tokens - self._answer_budget(generic)
         while True:
-            prompt = prompts.reflection_prompt(template, generic, items)
+            prompt = prompts.reflection_prompt(template, generic, items, fmt)
             if not items or self.engine.count_tokens(prompt) <= budget:
                 return prompt, items
             items = items[:-1]
@@ -155,17 +166,22 @@ class Reflector:
         return max(48, 2 * self.engine.count_tokens(generic) + 32)
 
     def _rewrite_chunk(
-        self, generic: str, items: list[str], on_text: TextSink | None, note: TextSink
+        self, generic: str, items: list[str], on_text: TextSink | None, note: TextSink, fmt: str | None = None
     ) -> ChunkResult:
-        prompt, _ = self._fit_items(generic, items)
-        analysis, text = self._analyse(prompt)
-        raw = prompts.ASSISTANT_PREFIX + text
-        if analysis.finish_reason == "stop":  # end of turn with no answer at all
-            return self._fallback(generic, prompts.parse_trajectory(raw), analysis, None, on_text, note)
-        if analysis.finish_reason != "answer":
-            raw += "\n"  # out of budget or looping: close the analysis so the model still answers
+        fmt = fmt or self.trajectory_format()
+        prompt, _ = self._fit_items(generic, items, fmt)
+        prefix = prompts.assistant_prefix(fmt)
+        if fmt == "answer":  # the prompt already opens the answer: no analysis phase
+            analysis, raw = Completion(finish_reason="answer"), ""
+        else:
+            analysis, text = self._analyse(prompt)
+            raw = prefix + text
+            if analysis.finish_reason == "stop":  # end of turn with no answer at all
+                return self._fallback(generic, prompts.parse_trajectory(raw), analysis, None, on_text, note)
+            if analysis.finish_reason != "answer":
+                raw += "\n"  # out of budget or looping: close the analysis so the model still answers
         raw += prompts.ANSWER_OPEN
-        answer, streamer, looped = self._answer(prompt + raw[len(prompts.ASSISTANT_PREFIX):], generic, on_text)
+        answer, streamer, looped = self._answer(prompt + raw[len(prefix):], generic, on_text)
         if looped is not None:
             body, truncated = streamer.answer[:looped], False
         else:
@@ -196,7 +212,7 @@ class Reflector:
         analysis = Completion()
         text = ""
         for piece in self.engine.stream(
-            prompt, max_tokens=cfg.trajectory_tokens, stop=PHASE1_STOPS,
+            prompt, max_tokens=cfg.trajectory_tokens, stop=self._stops([]),
             temperature=cfg.temperature, seed=cfg.seed, result=analysis,
         ):
             text += piece
@@ -223,7 +239,7 @@ class Reflector:
         )
         looped = None
         for piece in self.engine.stream(
-            prompt, max_tokens=self._answer_budget(generic), stop=prompts.ANSWER_STOPS,
+            prompt, max_tokens=self._answer_budget(generic), stop=self._stops(prompts.ANSWER_STOPS),
             temperature=cfg.temperature, seed=cfg.seed, result=answer,
         ):
             out = streamer.feed(piece)

@@ -38,7 +38,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from rpo_local import __version__
-from rpo_local.adapters import BUILTIN_NAME, builtin_adapter_path, resolve_adapter
+from rpo_local.adapters import builtin_name, resolve_adapter
 from rpo_local.errors import ConfigError, InputError, NotFound, RpoError, UpstreamError
 from rpo_local.store import Store
 
@@ -242,9 +242,8 @@ class Daemon:
     def adapter_label(self, path: str | Path | None) -> str | None:
         if not path:
             return None
-        builtin = builtin_adapter_path()
-        if builtin is not None and Path(path) == builtin:
-            return BUILTIN_NAME
+        if builtin := builtin_name(path):
+            return builtin
         with self.db_lock:
             row = list(self.store.db.query("select name from adapters where path = ? order by id desc limit 1", [str(path)]))
         return row[0]["name"] if row else Path(path).name

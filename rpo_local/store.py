@@ -404,6 +404,32 @@ class Store:
             self.db.execute("delete from adapters where id = ?", [adapter["id"]])
         return adapter
 
+    # -- models -------------------------------------------------------------------------------
+
+    def register_model(self, name: str, info: dict) -> int:
+        if self._one("select id from models where name = ?", [name]):
+            raise InputError(f"a model named {name!r} is registered already; `rpo models remove` it first")
+        with self._lock:
+            return self.db["models"].insert({
+                "name": name, "added_at": now(),
+                **{k: info.get(k) for k in ("path", "sha256", "arch", "bytes", "label")},
+            }).last_pk
+
+    def get_model(self, name: str) -> dict:
+        row = self._one("select * from models where name = ?", [name])
+        if row is None:
+            raise NotFound(f"no model {name!r}; see `rpo models list`")
+        return row
+
+    def list_models(self) -> list[dict]:
+        return list(self.db.query("select * from models order by id"))
+
+    def remove_model(self, name: str) -> dict:
+        row = self.get_model(name)
+        with self._lock:
+            self.db.execute("delete from models where id = ?", [row["id"]])
+        return row
+
     # -- summary ------------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:

@@ -166,7 +166,7 @@ def rollouts(args: argparse.Namespace, model_path: Path, adapter: Path,
     else:
         model, tok = adapter_model(model_path, args, adapter)
         deadline = time.monotonic() + args.budget_s if args.budget_s else None
-        rolls = rl.torch_rollouts(model, tok, pool, n=args.samples, temperature=args.temperature,
+        rolls = rl.torch_rollouts(model, tok, pool, template, n=args.samples, temperature=args.temperature,
                                   min_kept=config.min_content_kept, deadline=deadline, seed=r)
     atomic_write_text(path, "".join(json.dumps(asdict(x), ensure_ascii=False) + "\n" for x in rolls))
     return rolls
@@ -203,7 +203,7 @@ def validate(model_path: Path, args: argparse.Namespace, adapter: Path, val: lis
 def score(model: Any, tok: Any, val: list[dataset.Example]) -> dict:
     """Greedy rewrites of the validation examples with the runtime's content gate: mean
     ROUGE-1 of what `rpo rewrite` would print, against keeping the generic text."""
-    rolls = rl.torch_rollouts(model, tok, val, n=1, temperature=0.0, min_kept=load_config().min_content_kept,
+    rolls = rl.torch_rollouts(model, tok, val, template, n=1, temperature=0.0, min_kept=load_config().min_content_kept,
                               progress=False)
     figures = rl.summary(rolls, [])
     return {"copy": figures["baseline_reward"], "rpo": figures["best_reward"],
