@@ -96,6 +96,25 @@ class MethodSummary:
     latency_s: float | None
     gen_tokens: float | None
     fallback_share: float | None  # None for methods that do not rewrite
+    # ROUGE-1 minus copy's on the same users, with its 95% bootstrap interval over users
+    vs_copy: float | None = None
+    vs_copy_ci: tuple[float, float] | None = None
+
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, samples: int = BOOTSTRAP_SAMPLES,
+                     seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """Mean of a - b over paired users, and the 95% percentile interval of that mean when the
+    users are resampled with replacement (seeded: two runs print the same interval)."""
+    import random
+
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    rng = random.Random(seed)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    return sum(diffs) / n, (means[int(0.025 * samples)], means[int(0.975 * samples) - 1])
 
 
 @dataclass
@@ -135,11 +154,15 @@ class EvalReport:
             return MethodSummary(method, 0, None, None, None, None, None)
         n = len(outs)
         share = sum(bool(o.fallback) for o in outs) / n if method in REWRITE_METHODS else None
-        return MethodSummary(
+        summary = MethodSummary(
             method, n,
             sum(o.rouge1 for o in outs) / n, sum(o.rougeL for o in outs) / n,
             sum(o.latency_s for o in outs) / n, sum(o.gen_tokens for o in outs) / n, share,
         )
+        if method != "copy" and "copy" in self.methods:
+            diff, ci = paired_bootstrap([o.rouge1 for o in outs], [u.outputs["copy"].rouge1 for u in self.users])
+            summary.vs_copy, summary.vs_copy_ci = round(diff, 4), (round(ci[0], 4), round(ci[1], 4))
+        return summary
 
     def to_dict(self, *, per_user: bool = False) -> dict:
         doc = {
@@ -179,12 +202,14 @@ class EvalReport:
             f"model {self.model}" + (f", adapter {Path(self.adapter).name}" if self.adapter else "")
             + f", wall {_duration(self.wall_s)}",
             "",
-            "| method | ROUGE-1 | ROUGE-L | latency (s) | gen. tokens | fallback |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| method | ROUGE-1 | ROUGE-1 vs copy (95% CI) | ROUGE-L | latency (s) | gen. tokens | fallback |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for s in self.summaries():
+            paired = (f"{s.vs_copy:+.4f} ({s.vs_copy_ci[0]:+.4f}, {s.vs_copy_ci[1]:+.4f})"
+                      if s.vs_copy is not None and s.vs_copy_ci else "–")
             lines.append(
-                f"| {s.method} | {_num(s.rouge1, 4)} | {_num(s.rougeL, 4)} | {_num(s.latency_s, 2)} "
+                f"| {s.method} | {_num(s.rouge1, 4)} | {paired} | {_num(s.rougeL, 4)} | {_num(s.latency_s, 2)} "
                 f"| {_num(s.gen_tokens, 1)} | {_pct(s.fallback_share)} |"
             )
         return "\n".join(lines)
