@@ -21,6 +21,7 @@ import sqlite_utils
 from rpo_local import paths
 from rpo_local.db import connect, now
 from rpo_local.errors import InputError, NotFound, ProfileNotFound
+from rpo_local.names import check_profile
 
 KINDS = ("chat", "email", "tweet", "note", "post", "message", "review", "edit", "other")
 VERDICTS = ("accepted", "edited", "rejected")
@@ -91,15 +92,14 @@ class Store:
     # -- profiles -----------------------------------------------------------------------------
 
     def ensure_profile(self, name: str) -> Profile:
-        name = name.strip()
-        if not name:
-            raise InputError("profile name must not be empty")
+        """The profile `name`, created when new (a new name must be valid: rpo_local.names)."""
         with self._lock:
             row = self._one("select id, name from profiles where name = ?", [name])
-            if row is None:
-                pid = self.db["profiles"].insert({"name": name, "created_at": now()}).last_pk
-                return Profile(pid, name)
-            return Profile(row["id"], row["name"])
+            if row is not None:
+                return Profile(row["id"], row["name"])
+            check_profile(name)
+            pid = self.db["profiles"].insert({"name": name, "created_at": now()}).last_pk
+            return Profile(pid, name)
 
     def get_profile(self, name: str) -> Profile:
         row = self._one("select id, name from profiles where name = ?", [name])
@@ -140,6 +140,10 @@ class Store:
 
     def add_items(self, profile: str, items: Iterable[dict]) -> list[int]:
         """Add many items in one transaction; exact duplicates (per profile) are skipped."""
+        items = list(items)
+        bad = next((i["kind"] for i in items if (i.get("kind") or "note") not in KINDS), None)
+        if bad is not None:  # before anything is written, the profile included
+            raise InputError(f"unknown kind {bad!r}; use one of {', '.join(KINDS)}")
         pid = self.ensure_profile(profile).id
         ids: list[int] = []
         with self.transaction():
@@ -148,8 +152,6 @@ class Store:
                 if not text:
                     continue
                 kind = item.get("kind") or "note"
-                if kind not in KINDS:
-                    raise InputError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
                 cur = self.db.execute(
                     "insert or ignore into items (profile_id, text, kind, source, created_at, "
                     "digest, meta) values (?, ?, ?, ?, ?, ?, ?)",

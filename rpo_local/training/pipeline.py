@@ -22,6 +22,7 @@ from rpo_local.adapters import resolve_adapter
 from rpo_local.config import Config, load_config
 from rpo_local.db import now
 from rpo_local.errors import InputError, ModelError, RpoError
+from rpo_local.names import file_stem
 from rpo_local.training import dataset, rl
 from rpo_local.training.rl import RLConfig
 from rpo_local.training.sft import SFTConfig
@@ -139,7 +140,7 @@ def build_profile_data(store: Store, profile: str, engine: Engine, run_dir: Path
     targets = dataset.profile_targets(store, profile)
     if len(targets) < MIN_ITEMS:
         raise InputError(f"profile {profile!r} has {len(targets)} texts; training needs at least {MIN_ITEMS}")
-    cache_path = run_dir.parent / f"paraphrases-{profile}.json"
+    cache_path = run_dir.parent / f"paraphrases-{file_stem(profile)}.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     note(f"building {len(targets)} examples (the base model paraphrases each text once)")
     examples = dataset.profile_examples(store, profile, engine, targets, k=k, cache=cache)
@@ -213,10 +214,11 @@ def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_s
     model_path = engine.model_path
     kind = "rl" if rl_cfg else "sft"
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    name = f"{profile}-{kind}-{stamp}"
+    stem = file_stem(profile)  # never the raw name: it must not reach outside runs/ or adapters/
+    name = f"{stem}-{kind}-{stamp}"
     # One working directory per profile, source and stage: an interrupted run's checkpoint is
     # found by the rerun (sft resumes only when data and settings are unchanged).
-    run_dir = paths.ensure_dir(paths.runs_dir() / f"{profile}-{'lamp' if lamp else 'profile'}-{kind}")
+    run_dir = paths.ensure_dir(paths.runs_dir() / f"{stem}-{'lamp' if lamp else 'profile'}-{kind}")
     engine.set_adapter(None)  # paraphrases come from the bare base model
     if lamp is not None:
         train_ex, held_ex = build_lamp_data(lamp, lamp_users, run_dir, engine.chat_template(), config.k)
