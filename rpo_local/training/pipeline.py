@@ -97,17 +97,19 @@ class Run:
     def __init__(self, store: Store, profile: str, kind: str = "sft") -> None:
         self.store = store
         self.profile = profile
-        self.id = store.db["train_runs"].insert({
-            "profile_id": store.ensure_profile(profile).id, "kind": kind, "status": "running",
-            "started_at": now(),
-        }).last_pk
+        pid = store.ensure_profile(profile).id
+        with store.writing():
+            self.id = store.db["train_runs"].insert({
+                "profile_id": pid, "kind": kind, "status": "running", "started_at": now(),
+            }).last_pk
 
     def finish(self, outcome: Outcome, error: str | None = None) -> Outcome:
         adapter_id = self.store.get_adapter(outcome.adapter)["id"] if outcome.adapter else None
-        self.store.db["train_runs"].update(self.id, {
-            "status": outcome.status, "finished_at": now(), "adapter_id": adapter_id,
-            "summary": json.dumps(outcome.to_dict(), default=str), "error": error,
-        })
+        with self.store.writing():
+            self.store.db["train_runs"].update(self.id, {
+                "status": outcome.status, "finished_at": now(), "adapter_id": adapter_id,
+                "summary": json.dumps(outcome.to_dict(), default=str), "error": error,
+            })
         outcome.run_id = self.id
         return outcome
 
