@@ -99,6 +99,7 @@ def test_writing_verbs_say_read_only_with_exit_10(cli, read_only_db, use_fake_en
         (("history", "forget", "1"), b""),
         (("feedback", "1", "accepted"), b""),
         (("rewrite", "--profile", "ann"), b"Good Morning."),
+        (("serve", "--port", "0", "--no-train"), b""),  # it records every request: refused at start
     ]:
         r = cli(*args, stdin=stdin)
         assert r.code == ReadOnlyDatabase.exit_code == 10, (args, r)
