@@ -1,8 +1,9 @@
 """Profile names: which are valid, and the one way a name becomes part of a file name.
 
 A name reaches file paths (training runs, logs, adapters), HTTP headers and log lines, so the
-rule is narrow: 1-64 letters or digits of any script, plus `-`, `_` and `.`, starting with a
-letter or digit, never containing `..`. No separators, spaces, control characters or newlines.
+rule is narrow: 1-64 letters or digits of any script (with their accents), plus `-`, `_` and
+`.`, starting with a letter or digit, never containing `..`. No separators, spaces, control or
+format characters, newlines.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def problem(name: object) -> str | None:
         return "a profile name must not be empty"
     if len(name) > MAX_LENGTH:
         return f"a profile name has at most {MAX_LENGTH} characters"
-    bad = next((c for c in name if not (c.isalnum() or c in PUNCTUATION)), None)
+    bad = next((c for c in name if not (c.isalnum() or c in PUNCTUATION or _mark(c))), None)
     if bad is not None:
         return f"a profile name may not contain {bad!r}"
     if not name[0].isalnum():
@@ -33,6 +34,11 @@ def problem(name: object) -> str | None:
     if ".." in name:
         return "a profile name may not contain '..'"
     return None
+
+
+def _mark(c: str) -> bool:
+    """A combining accent: "Zoé" typed decomposed (e + U+0301) is a name too."""
+    return unicodedata.category(c).startswith("M")
 
 
 def check_profile(name: object) -> str:

@@ -15,9 +15,9 @@ from rpo_local.db import now
 from rpo_local.errors import ConfigError, InputError
 
 ESCAPE = "../../../escape"
-VALID = ["default", "ann", "Ann", "Zoë", "user_1", "a.b-c", "名前", "7100", "x" * 64]
+VALID = ["default", "ann", "Ann", "Zoë", "Zoe\u0301", "user_1", "a.b-c", "名前", "7100", "x" * 64]
 INVALID = ["", " ", "ann ", " ann", ESCAPE, "a/b", "a\\b", "..", "a..b", ".hidden", "-flag", "_x",
-           "a\nb", "a\rb", "a\x00b", "a\tb", "a b", "a:b", "a%2Fb", "x" * 65]
+           "a\nb", "a\rb", "a\x00b", "a\tb", "a b", "a:b", "a%2Fb", "\u0301a", "a\u202eb", "a\u200db", "x" * 65]
 
 
 def files_under(root: Path) -> set[Path]:
