@@ -41,6 +41,8 @@ def builtin_for(model_path: Path | None = None) -> tuple[str, Path] | None:
     from rpo_local.models import sha256
 
     model_path = model_path or configured_model_path()
+    if not Path(model_path).is_file():  # a fake engine's model, or a file gone since
+        return None
     digest = sha256(model_path)
     for name, (file, base) in BUILTINS.items():
         if base == digest and asset_path(file).is_file():

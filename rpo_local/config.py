@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from rpo_local import paths
+from rpo_local import names, paths
 from rpo_local.errors import ConfigError
 
 
@@ -40,6 +40,7 @@ class Config:
     upstream_url: str = ""  # OpenAI-compatible base URL; empty: the local base model
     upstream_model: str = "gpt-4o-mini"
     rewrite_timeout_s: float = 30.0  # the daemon returns the generic reply past this
+    upstream_timeout_s: float = 120.0  # a remote upstream slower than this is a 504
     train_min_new_items: int = 20  # new history/feedback items that trigger a training run
     train_interval_hours: float = 24.0
 
@@ -54,7 +55,10 @@ class Config:
 _ENV = {f"RPO_{name.upper()}": name for name in Config.keys()}
 
 
-_RANGES = {"min_content_kept": (0.0, 1.0)}  # shares: anything outside silently disables a feature
+_RANGES = {
+    "min_content_kept": (0.0, 1.0),  # a share: anything outside silently disables a feature
+    "upstream_timeout_s": (0.1, 86400.0),  # 0 or less would fail every request
+}
 _CHOICES = {"trajectory": ("auto", "full", "compact", "answer")}
 
 
@@ -71,6 +75,8 @@ def _coerce(name: str, value: object) -> object:
     low, high = _RANGES.get(name, (out, out))
     if not low <= out <= high:
         raise ConfigError(f"config key {name!r} must be between {low} and {high}, got {value!r}")
+    if name == "profile" and (reason := names.problem(out)):
+        raise ConfigError(f"config key 'profile': {reason} ({names.RULE}), got {value!r}")
     return out
 
 

@@ -106,7 +106,7 @@ def open_upstream(config: Config, *, url: str | None = None, engine_factory=None
     url = url if url is not None else config.upstream_url
     if url:
         key = os.environ.get("RPO_UPSTREAM_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        return OpenAIUpstream(url, api_key=key, model=config.upstream_model)
+        return OpenAIUpstream(url, api_key=key, model=config.upstream_model, timeout=config.upstream_timeout_s)
     from rpo_local.engine import open_engine
 
     if engine_factory is not None:

@@ -23,6 +23,7 @@ from rpo_local.config import Config, load_config
 from rpo_local.db import now
 from rpo_local.errors import InputError, ModelError, RpoError
 from rpo_local.models import gguf_metadata
+from rpo_local.names import file_stem
 from rpo_local.training import dataset, rl
 from rpo_local.training.rl import RLConfig
 from rpo_local.training.sft import SFTConfig
@@ -97,17 +98,19 @@ class Run:
     def __init__(self, store: Store, profile: str, kind: str = "sft") -> None:
         self.store = store
         self.profile = profile
-        self.id = store.db["train_runs"].insert({
-            "profile_id": store.ensure_profile(profile).id, "kind": kind, "status": "running",
-            "started_at": now(),
-        }).last_pk
+        pid = store.ensure_profile(profile).id
+        with store.writing():
+            self.id = store.db["train_runs"].insert({
+                "profile_id": pid, "kind": kind, "status": "running", "started_at": now(),
+            }).last_pk
 
     def finish(self, outcome: Outcome, error: str | None = None) -> Outcome:
         adapter_id = self.store.get_adapter(outcome.adapter)["id"] if outcome.adapter else None
-        self.store.db["train_runs"].update(self.id, {
-            "status": outcome.status, "finished_at": now(), "adapter_id": adapter_id,
-            "summary": json.dumps(outcome.to_dict(), default=str), "error": error,
-        })
+        with self.store.writing():
+            self.store.db["train_runs"].update(self.id, {
+                "status": outcome.status, "finished_at": now(), "adapter_id": adapter_id,
+                "summary": json.dumps(outcome.to_dict(), default=str), "error": error,
+            })
         outcome.run_id = self.id
         return outcome
 
@@ -149,7 +152,7 @@ def build_profile_data(store: Store, profile: str, engine: Engine, run_dir: Path
     targets = dataset.profile_targets(store, profile)
     if len(targets) < MIN_ITEMS:
         raise InputError(f"profile {profile!r} has {len(targets)} texts; training needs at least {MIN_ITEMS}")
-    cache_path = run_dir.parent / f"paraphrases-{profile}.json"
+    cache_path = run_dir.parent / f"paraphrases-{file_stem(profile)}.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     note(f"building {len(targets)} examples (the base model paraphrases each text once)")
     examples = dataset.profile_examples(store, profile, engine, targets, k=k, cache=cache, fmt=fmt)
@@ -223,10 +226,11 @@ def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_s
     model_path = engine.model_path
     kind = "rl" if rl_cfg else "sft"
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    name = f"{profile}-{kind}-{stamp}"
+    stem = file_stem(profile)  # never the raw name: it must not reach outside runs/ or adapters/
+    name = f"{stem}-{kind}-{stamp}"
     # One working directory per profile, source and stage: an interrupted run's checkpoint is
     # found by the rerun (sft resumes only when data and settings are unchanged).
-    run_dir = paths.ensure_dir(paths.runs_dir() / f"{profile}-{'lamp' if lamp else 'profile'}-{kind}")
+    run_dir = paths.ensure_dir(paths.runs_dir() / f"{stem}-{'lamp' if lamp else 'profile'}-{kind}")
     engine.set_adapter(None)  # paraphrases come from the bare base model
     current = resolve_adapter(store, profile, model_path)
     fmt = training_format(config, current if start_from_current else None)
