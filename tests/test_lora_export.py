@@ -131,7 +131,6 @@ def base_gguf(request, model_path) -> Path:
 def test_logit_delta_matches_torch(tmp_path, base_gguf):
     import torch
 
-    from rpo_local import prompts
     from rpo_local.engine import LlamaEngine
     from rpo_local.models import gguf_metadata
     from rpo_local.training import export, sft
@@ -152,9 +151,8 @@ def test_logit_delta_matches_torch(tmp_path, base_gguf):
     path = export.export_gguf(model, tmp_path / "rand.lora.gguf")
     assert gguf_metadata(path)["general.architecture"] == gguf_metadata(model_path)["general.architecture"]
 
-    template = str(gguf_metadata(model_path)["tokenizer.chat_template"])
-    text = prompts.render_chat(template, [{"role": "system", "content": "Be brief."},
-                                          {"role": "user", "content": "Write a short note about the weather today."}])
+    # Both models speak ChatML (their templates' format); the raw turn keeps the prompt identical.
+    text = "<|im_start|>user\nWrite a short note about the weather today.<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(text, add_special_tokens=False).input_ids
     with torch.no_grad():
         t_lora = model(torch.tensor([ids])).logits[0, -1].double().numpy()
