@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 TextSink = Callable[[str], None]
 PHASE1_STOPS = ["<|im_end|>"]  # `<answer>` is watched for in the stream instead
 NOTHING_TO_REWRITE = "nothing to rewrite (no sentence with words a rewrite could change)"
+TIME_BUDGET = "the time budget ran out before this piece"
 
 
 @dataclass
@@ -103,9 +104,11 @@ class Reflector:
         on_text: TextSink | None = None,
         on_note: TextSink | None = None,
         source: str = "api",
+        deadline: float | None = None,
     ) -> RewriteResult:
         """Rewrite `generic` for `profile`, piece by piece. `on_text` receives the result in order
-        as it is produced: verbatim text at once, each piece when it is done."""
+        as it is produced: verbatim text at once, each piece when it is done. Pieces not started
+        by `deadline` (time.monotonic) keep their generic text."""
         profile = profile or self.config.profile
         k = self.config.k if k is None else k
         start = time.perf_counter()
@@ -129,19 +132,15 @@ class Reflector:
         pos = 0
         with self.engine.lock:
             for seg in segments:
+                text = seg.text
                 if seg.prose:
-                    items = retrieve(self.store, profile, seg.plain, k) if self.store is not None and k else []
-                    for item in items:
-                        retrieved.setdefault(item["id"], item)
-                    piece, traj = self._rewrite_piece(seg, pos, items, profile)
+                    piece, traj = self._next_piece(seg, pos, profile, k, deadline, retrieved)
                     if piece.reason:
                         where = f"piece {len(pieces) + 1}/{total}: " if total > 1 else ""
                         note(f"{where}no usable rewrite ({piece.reason}); keeping the generic text")
                     pieces.append(piece)
                     trajectories.append(traj)
                     text = piece.output
-                else:
-                    text = seg.text
                 out.append(text)
                 if on_text and text:
                     on_text(text)
@@ -173,6 +172,19 @@ class Reflector:
             return self._rewrite_chunk(generic, items)
 
     # -- one piece ------------------------------------------------------------------------------
+
+    def _next_piece(
+        self, seg: segment.Segment, pos: int, profile: str, k: int, deadline: float | None,
+        retrieved: dict[int, dict],
+    ) -> tuple[PieceResult, dict]:
+        """The next piece: retrieval for it (collected in `retrieved`), then its rewrite."""
+        if deadline is not None and time.monotonic() > deadline:
+            piece = PieceResult(pos, pos + len(seg.text), seg.text, seg.text, False, TIME_BUDGET)
+            return piece, {"piece": seg.plain, "rewritten": False, "problem": TIME_BUDGET}
+        items = retrieve(self.store, profile, seg.plain, k) if self.store is not None and k else []
+        for item in items:
+            retrieved.setdefault(item["id"], item)
+        return self._rewrite_piece(seg, pos, items, profile)
 
     def _rewrite_piece(
         self, seg: segment.Segment, pos: int, items: list[dict], profile: str

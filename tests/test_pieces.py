@@ -107,7 +107,8 @@ def test_wrapped_lines_quotes_and_headings_are_pieces_without_their_markers():
 
 
 @pytest.mark.parametrize(
-    "text", ['"\n', "Ok.", "Thanks!\n", "`code` https://x.org", "| a | b |\n|---|---|\n| c d e | f |\n", "\x01\x02\n", "12:30 -- 4/5"]
+    "text",
+    ['"\n', "Ok.", "Thanks!\n", "`code` https://x.org", "| a | b |\n|---|---|\n| c d e | f |\n", "\x01\x02\n", "12:30 -- 4/5"],
 )
 def test_text_with_nothing_to_rewrite_has_no_pieces(text):
     segs = segment.split(text)
@@ -341,3 +342,44 @@ def test_rpo_rewrite_prints_pieces_in_place_and_lists_them_in_json(cli_ann, use_
     doc = json.loads(cli_ann("rewrite", "--profile", "ann", "--json", stdin=REPLY.encode()).stdout)
     assert [p["rewritten"] for p in doc["pieces"]] == [True] * 5
     assert doc["rewrite"] == REPLY.lower() and doc["pieces"][1]["input"].startswith("Install Python")
+
+
+def test_pieces_not_started_by_the_deadline_keep_their_text(ann):
+    import time
+
+    engine = FakeEngine(lowercasing_responder)
+    calls = {"n": 0}
+
+    def slow(prompt: str) -> str:
+        calls["n"] += 1
+        time.sleep(0.2)
+        return lowercasing_responder(prompt)
+
+    engine.responder = slow
+    result = Reflector(ann, engine, Config()).rewrite(REPLY, "ann", deadline=time.monotonic() + 0.5)
+    done = [p.rewritten for p in result.pieces]
+    assert done[0] and not done[-1] and result.pieces[-1].reason.startswith("the time budget ran out")
+    assert result.rewrite == rebuilt(REPLY, result.pieces) and calls["n"] < 10
+
+
+def test_an_edited_long_reply_becomes_training_targets_piece_by_piece(ann):
+    from rpo_local.training.dataset import profile_targets
+
+    result = Reflector(ann, FakeEngine(lowercasing_responder), Config()).rewrite(REPLY, "ann")
+    ann.add_feedback(result.interaction_id, "edited", REPLY.replace("Thanks for asking!", "thx for asking!!"))
+    targets = [t["text"] for t in profile_targets(ann, "ann")]
+    assert "thx for asking!! Here is how to set it up. It takes about 5 minutes." in targets
+    assert "Run the tests." in targets and not any("```" in t or "pip install" in t for t in targets)
+
+
+def test_the_trajectory_view_lists_the_pieces(ann):
+    from rpo_local.tui.pipeline import Turn
+    from rpo_local.tui.widgets import details_text
+
+    def responder(prompt: str) -> str:
+        return failing(prompt) if "Run the tests" in prompt else lowercasing_responder(prompt)
+
+    result, _, _ = rewrite(ann, responder, REPLY)
+    text = details_text(Turn(1, REPLY, result.rewrite, trajectory=result.trajectory))
+    assert "piece 1/5 (rewritten): Thanks for asking!" in text
+    assert "piece 4/5 (kept as it was): Run the tests." in text and "problem: no <answer> section" in text
