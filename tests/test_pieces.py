@@ -383,3 +383,12 @@ def test_the_trajectory_view_lists_the_pieces(ann):
     text = details_text(Turn(1, REPLY, result.rewrite, trajectory=result.trajectory))
     assert "piece 1/5 (rewritten): Thanks for asking!" in text
     assert "piece 4/5 (kept as it was): Run the tests." in text and "problem: no <answer> section" in text
+
+
+def test_rpo_rewrite_gives_back_a_long_list_byte_for_byte_when_nothing_is_rewritten(cli_ann, use_fake_engine):
+    use_fake_engine.responder = failing
+    text = "   Indented intro line with some words.\n\n" + "".join(
+        f"- point {i}: the {WORDS[i % len(WORDS)]} part\n" for i in range(40)) + "\n\n"
+    r = cli_ann("rewrite", "--profile", "ann", "-t", stdin=text.encode())
+    assert r.code == 0 and r.stdout == text
+    assert "piece 41/41 (kept as it was): point 39: the" in r.stderr and "keeping the generic text" in r.stderr

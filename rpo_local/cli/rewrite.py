@@ -102,7 +102,11 @@ def _final_newline(text: str) -> str:
 
 
 def _print_trajectory(trajectory: dict | list[dict]) -> None:
-    for part in trajectory if isinstance(trajectory, list) else [trajectory]:
+    parts = trajectory if isinstance(trajectory, list) else [trajectory]
+    for n, part in enumerate(parts, 1):
+        if len(parts) > 1:
+            state = "rewritten" if part.get("rewritten") else "kept as it was"
+            print(f"piece {n}/{len(parts)} ({state}): {part.get('piece', '')}", file=sys.stderr)
         for key in ("style", "diff", "edits", "answer", "problem"):
             if part.get(key):
                 print(f"{key:>7}: {part[key]}", file=sys.stderr)
