@@ -5,9 +5,8 @@ Variants of the piece-by-piece rewrite, each run on the same users (by default t
 document: per variant ROUGE-1/ROUGE-L, the paired difference to copy with its 95% bootstrap
 interval, the share of pieces rewritten, latency per reply and per piece.
 
-- `default`: the shipped settings (short sentences of a paragraph together up to
-  segment.PIECE_WORDS words, retrieval per piece);
-- `sentence`: one sentence per piece;
+- `default`: the shipped settings (one sentence per piece, retrieval per piece);
+- `paragraph`: short neighbouring sentences of a paragraph together, up to 30 words a piece;
 - `reply-retrieval`: the items retrieved once for the whole reply, the same for every piece
   (llama.cpp then reuses the prompt prefix the pieces share);
 - `neighbours`: the previous and the next piece shown to the model as context.
@@ -21,14 +20,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAMP7 = ROOT.parent / "shared" / "data" / "lamp7" / "dev.jsonl"
-VARIANTS = ("default", "sentence", "reply-retrieval", "neighbours")
+LAMP7 = Path(os.environ.get("RPO_LAMP7", ROOT.parent / "shared" / "data" / "lamp7" / "dev.jsonl"))
+VARIANTS = ("default", "paragraph", "reply-retrieval", "neighbours")
 
 
 @contextmanager
@@ -38,8 +38,8 @@ def variant(name: str):  # noqa: ANN201
 
     saved = (segment.split, reflect.retrieve, prompts.reflection_user_message, reflect.Reflector.rewrite)
     try:
-        if name == "sentence":
-            segment.split = functools.partial(saved[0], piece_words=0)
+        if name == "paragraph":
+            segment.split = functools.partial(saved[0], piece_words=30)
         elif name == "reply-retrieval":
             def rewrite(self, generic, profile=None, **kw):  # noqa: ANN001, ANN202
                 k = self.config.k if kw.get("k") is None else kw["k"]

@@ -196,7 +196,7 @@ class Reflector:
         texts = [it["text"] for it in items]
         if not self._fits(seg.plain):
             piece.reason = "the piece is too long for the model's context"
-            return piece, {"problem": piece.reason}
+            return piece, {"piece": seg.plain, "rewritten": False, "problem": piece.reason}
         chunk = self._rewrite_chunk(seg.plain, texts)
         answer = " ".join(chunk.output.split())
         reason = chunk.reason if chunk.fallback else (

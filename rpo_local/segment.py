@@ -34,10 +34,12 @@ ACKNOWLEDGEMENTS = frozenset(
     "ok okay yes yeah yep no nope sure fine great cool alright thanks thank thx hi hello hey bye please"
     .split()
 )
-# Consecutive short sentences of one paragraph are rewritten together up to this many words
-# (the tweets the model is trained on are ~15-25 words); longer sentences are cut at clause or
-# word boundaries so that every piece fits the model's context.
-PIECE_WORDS = 30
+# One sentence per piece: the 135M model given two sentences often rewrites only the first, and
+# the content gate then refuses the whole piece (the demo reply: both two-sentence pieces
+# refused, every one-sentence piece rewritten; bench/bench_pieces.py's `paragraph` variant joins
+# short sentences up to 30 words). Sentences over MAX_WORDS are cut at clause or word boundaries
+# so that every piece fits the model's context.
+PIECE_WORDS = 0
 MAX_WORDS = 60
 
 

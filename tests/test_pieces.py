@@ -75,7 +75,7 @@ def test_pieces_and_verbatim_parts_of_a_reply():
     assert "".join(s.text for s in segs) == REPLY
     pieces = [s.plain for s in segs if s.prose]
     assert pieces == [
-        "Thanks for asking! Here is how to set it up. It takes about 5 minutes.",
+        "Thanks for asking!", "Here is how to set it up.", "It takes about 5 minutes.",
         "Install Python 3.11 from https://www.python.org/downloads/ first.",
         "Create a virtual environment with `python -m venv .venv` and activate it.",
         "Run the tests.",
@@ -88,6 +88,13 @@ def test_pieces_and_verbatim_parts_of_a_reply():
         "5": "number", "3.11": "number", "https://www.python.org/downloads/": "url", "Python": "name",
         "`python -m venv .venv`": "code", "Alex": "name", "alex@example.com": "email",
     }
+
+
+def test_short_sentences_go_together_where_asked():
+    pieces = segment.prose("Thanks for asking! Here is how to set it up. " + "Word " * 40 + "end.")
+    assert len(pieces) == 3
+    grouped = segment.split("Thanks for asking! Here is how to set it up. " + "Word " * 40 + "end.", piece_words=30)
+    assert [s.plain for s in grouped if s.prose][0] == "Thanks for asking! Here is how to set it up."
 
 
 def test_sentences_split_but_not_at_abbreviations_and_long_ones_are_cut():
@@ -251,16 +258,17 @@ def test_a_piece_the_model_fails_on_keeps_its_text_and_the_others_are_rewritten(
         return failing(prompt) if "Run the tests" in prompt else lowercasing_responder(prompt)
 
     result, _, chunks = rewrite(ann, responder, REPLY)
-    assert [p.rewritten for p in result.pieces] == [True, True, True, False, True]
+    assert [p.rewritten for p in result.pieces] == [True] * 5 + [False, True]
     assert "3. Run the tests.\n" in result.rewrite and "2. create a virtual environment" in result.rewrite
-    assert result.pieces[3].reason == "no <answer> section" and not result.fallback
-    assert result.fallback_reason == "1/5 pieces kept as they were: no <answer> section"
+    assert result.pieces[5].reason == "no <answer> section" and not result.fallback
+    assert result.fallback_reason == "1/7 pieces kept as they were: no <answer> section"
     assert "```sh\npip install -e .\npytest -q\n```\n\n" in result.rewrite
-    assert [t["rewritten"] for t in result.trajectory] == [True, True, True, False, True]
+    assert [t["rewritten"] for t in result.trajectory] == [True] * 5 + [False, True]
     doc = json.loads(json.dumps(result.to_dict()))
-    assert [p["reason"] for p in doc["pieces"]][3] == "no <answer> section"
-    # Streamed in order, verbatim parts at once: "1. " went out before the second piece's prompt.
-    assert chunks[:3] == [result.pieces[0].output, "\n\n1. ", result.pieces[1].output]
+    assert [p["reason"] for p in doc["pieces"]][5] == "no <answer> section"
+    # Streamed in order, verbatim parts at once: " " and "1. " went out before the next piece's prompt.
+    assert chunks[:7] == [result.pieces[0].output, " ", result.pieces[1].output, " ", result.pieces[2].output,
+                          "\n\n1. ", result.pieces[3].output]
 
 
 def test_pieces_stream_as_they_are_done(ann):
@@ -269,7 +277,7 @@ def test_pieces_stream_as_they_are_done(ann):
     Reflector(ann, engine, Config()).rewrite(REPLY, "ann", on_text=lambda t: seen.append((len(engine.prompts), t)))
     # Two prompts (analysis, answer) per piece: each piece is out before the next one starts.
     piece_times = [calls for calls, text in seen if text.strip() and not text.startswith(("\n", "`"))]
-    assert piece_times == [2, 4, 6, 8, 10]
+    assert piece_times == [2, 4, 6, 8, 10, 12, 14]
 
 
 def test_a_rewrite_that_alters_a_url_is_refused_for_that_piece_only(ann):
@@ -279,10 +287,10 @@ def test_a_rewrite_that_alters_a_url_is_refused_for_that_piece_only(ann):
         return lowercasing_responder(prompt)
 
     result, _, _ = rewrite(ann, responder, REPLY)
-    url_piece = result.pieces[1]
+    url_piece = result.pieces[3]
     assert not url_piece.rewritten and "https://www.python.org/downloads/" in url_piece.reason
     assert "https://www.python.org/downloads/" in result.rewrite
-    assert sum(p.rewritten for p in result.pieces) == 4
+    assert sum(p.rewritten for p in result.pieces) == 6
 
 
 def test_an_answer_copied_from_the_history_is_refused(ann):
@@ -340,8 +348,8 @@ def test_rpo_rewrite_prints_pieces_in_place_and_lists_them_in_json(cli_ann, use_
     r = cli_ann("rewrite", "--profile", "ann", stdin=REPLY.encode())
     assert r.code == 0 and r.stdout == REPLY.lower()
     doc = json.loads(cli_ann("rewrite", "--profile", "ann", "--json", stdin=REPLY.encode()).stdout)
-    assert [p["rewritten"] for p in doc["pieces"]] == [True] * 5
-    assert doc["rewrite"] == REPLY.lower() and doc["pieces"][1]["input"].startswith("Install Python")
+    assert [p["rewritten"] for p in doc["pieces"]] == [True] * 7
+    assert doc["rewrite"] == REPLY.lower() and doc["pieces"][3]["input"].startswith("Install Python")
 
 
 def test_pieces_not_started_by_the_deadline_keep_their_text(ann):
@@ -368,7 +376,7 @@ def test_an_edited_long_reply_becomes_training_targets_piece_by_piece(ann):
     result = Reflector(ann, FakeEngine(lowercasing_responder), Config()).rewrite(REPLY, "ann")
     ann.add_feedback(result.interaction_id, "edited", REPLY.replace("Thanks for asking!", "thx for asking!!"))
     targets = [t["text"] for t in profile_targets(ann, "ann")]
-    assert "thx for asking!! Here is how to set it up. It takes about 5 minutes." in targets
+    assert "thx for asking!!" in targets and "It takes about 5 minutes." in targets
     assert "Run the tests." in targets and not any("```" in t or "pip install" in t for t in targets)
 
 
@@ -381,8 +389,8 @@ def test_the_trajectory_view_lists_the_pieces(ann):
 
     result, _, _ = rewrite(ann, responder, REPLY)
     text = details_text(Turn(1, REPLY, result.rewrite, trajectory=result.trajectory))
-    assert "piece 1/5 (rewritten): Thanks for asking!" in text
-    assert "piece 4/5 (kept as it was): Run the tests." in text and "problem: no <answer> section" in text
+    assert "piece 1/7 (rewritten): Thanks for asking!" in text
+    assert "piece 6/7 (kept as it was): Run the tests." in text and "problem: no <answer> section" in text
 
 
 def test_rpo_rewrite_gives_back_a_long_list_byte_for_byte_when_nothing_is_rewritten(cli_ann, use_fake_engine):

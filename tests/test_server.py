@@ -87,7 +87,7 @@ def test_streaming_sends_the_rewrite_then_done(start, store):
     assert text == GENERIC.lower()
     final = chunks[-1]
     assert final.choices[0].finish_reason == "stop"
-    assert final.rpo["personalized"] is True and final.rpo["trajectory"]["answer"] == text
+    assert final.rpo["personalized"] is True and " ".join(t["answer"] for t in final.rpo["trajectory"]) == text
     assert store.get_interaction(final.rpo["interaction_id"])["rewrite"] == text
 
 
