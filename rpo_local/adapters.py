@@ -1,5 +1,9 @@
 """Which LoRA adapter a profile uses: its own activation, else the general adapter shipped
-with the package (when present), else none."""
+with the package for the reflection model in use (when there is one), else none.
+
+An adapter only works on the base model it was trained on: each records that model's sha256
+(`rpo.base_sha256` in its GGUF, `base_sha256` in the registry), and activation refuses one
+trained for another base."""
 
 from __future__ import annotations
 
@@ -7,21 +11,59 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rpo_local.errors import ModelError
+from rpo_local.errors import AdapterMismatch, ModelError
 
 if TYPE_CHECKING:
     from rpo_local.store import Store
 
-BUILTIN_NAME = "builtin-lamp7"
-BUILTIN_FILE = "reflect-lamp7.lora.gguf"
+# Shipped adapters: name -> (file in rpo_local/assets, sha256 of the base GGUF it was trained on).
+BUILTINS = {
+    "builtin-lamp7": ("reflect-lamp7.lora.gguf",
+                      "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),  # SmolLM2-135M Q4_1
+}
+BUILTIN_NAME = "builtin-lamp7"  # the embedded model's
 
 
-def builtin_adapter_path() -> Path | None:
-    path = Path(str(resources.files("rpo_local").joinpath("assets", BUILTIN_FILE)))
-    return path if path.is_file() else None
+def asset_path(file: str) -> Path:
+    return Path(str(resources.files("rpo_local").joinpath("assets", file)))
 
 
-def resolve_adapter(store: Store | None, profile: str) -> Path | None:
+def configured_model_path() -> Path:
+    from rpo_local.config import load_config
+    from rpo_local.models import resolve_model_path
+
+    return resolve_model_path(load_config().model or None)
+
+
+def builtin_for(model_path: Path | None = None) -> tuple[str, Path] | None:
+    """(name, file) of the shipped adapter for `model_path` (default: the configured
+    reflection model), or None when none was trained for it."""
+    from rpo_local.models import sha256
+
+    model_path = model_path or configured_model_path()
+    if not Path(model_path).is_file():  # a fake engine's model, or a file gone since
+        return None
+    digest = sha256(model_path)
+    for name, (file, base) in BUILTINS.items():
+        if base == digest and asset_path(file).is_file():
+            return name, asset_path(file)
+    return None
+
+
+def builtin_adapter_path(model_path: Path | None = None) -> Path | None:
+    found = builtin_for(model_path)
+    return found[1] if found else None
+
+
+def builtin_name(path: str | Path | None) -> str | None:
+    """The shipped adapter's name if `path` is one."""
+    for name, (file, _) in BUILTINS.items():
+        if path and Path(path) == asset_path(file):
+            return name
+    return None
+
+
+def resolve_adapter(store: Store | None, profile: str, model_path: Path | None = None) -> Path | None:
     """The adapter file `profile` should run with (None: the bare base model)."""
     if store is not None:
         activation = store.active_activation(profile)
@@ -29,7 +71,19 @@ def resolve_adapter(store: Store | None, profile: str) -> Path | None:
             if activation["adapter_id"] is None:
                 return None
             return Path(store.get_adapter(activation["adapter_id"])["path"])
-    return builtin_adapter_path()
+    return builtin_adapter_path(model_path)
+
+
+def check_base(adapter_name: str, base_sha256: str | None, model_path: Path) -> None:
+    """Refuse an adapter trained for another base model than `model_path`."""
+    from rpo_local.models import sha256
+
+    if base_sha256 and base_sha256 != sha256(model_path):
+        raise AdapterMismatch(
+            f"adapter {adapter_name!r} was trained for another base model (sha256 {base_sha256[:12]}…), "
+            f"not {model_path.name} ({sha256(model_path)[:12]}…); `rpo models use` its base, or train one "
+            "for this model with `rpo train sft`"
+        )
 
 
 def adapter_from_ref(ref: str, store: Store | None = None) -> Path | None:

@@ -12,16 +12,21 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from rpo_local import paths
+from rpo_local import names, paths
 from rpo_local.errors import ConfigError
 
 
 @dataclass
 class Config:
     profile: str = "default"
-    model: str = ""  # GGUF path; empty means the embedded SmolLM2-135M-Instruct
+    model: str = ""  # reflection model: a registered name or a GGUF path; empty: the embedded SmolLM2-135M
+    # The offline upstream (writes the generic reply when no upstream_url is set): a registered
+    # name or a GGUF path; empty: the reflection model itself, without its adapter.
+    upstream_local_model: str = ""
     k: int = 4  # profile items retrieved per rewrite
     trajectory_tokens: int = 96  # budget for the style/diff/edits sections
+    # The trajectory format (prompts.FORMATS); "auto": the one the active adapter was trained on.
+    trajectory: str = "auto"
     # A rewrite keeping less of the generic reply's content words than this is refused (the
     # generic reply is kept; see reflect.keeps_content): the 135M model's style edits help,
     # its dropped clauses lose far more. 0.8 was the best gate for the shipped adapter on
@@ -35,6 +40,7 @@ class Config:
     upstream_url: str = ""  # OpenAI-compatible base URL; empty: the local base model
     upstream_model: str = "gpt-4o-mini"
     rewrite_timeout_s: float = 30.0  # the daemon returns the generic reply past this
+    upstream_timeout_s: float = 120.0  # a remote upstream slower than this is a 504
     train_min_new_items: int = 20  # new history/feedback items that trigger a training run
     train_interval_hours: float = 24.0
 
@@ -49,7 +55,11 @@ class Config:
 _ENV = {f"RPO_{name.upper()}": name for name in Config.keys()}
 
 
-_RANGES = {"min_content_kept": (0.0, 1.0)}  # shares: anything outside silently disables a feature
+_RANGES = {
+    "min_content_kept": (0.0, 1.0),  # a share: anything outside silently disables a feature
+    "upstream_timeout_s": (0.1, 86400.0),  # 0 or less would fail every request
+}
+_CHOICES = {"trajectory": ("auto", "full", "compact", "answer")}
 
 
 def _coerce(name: str, value: object) -> object:
@@ -60,9 +70,13 @@ def _coerce(name: str, value: object) -> object:
         out = kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config key {name!r} expects {kind.__name__}, got {value!r}") from None
+    if name in _CHOICES and out not in _CHOICES[name]:
+        raise ConfigError(f"config key {name!r} must be one of {', '.join(_CHOICES[name])}, got {value!r}")
     low, high = _RANGES.get(name, (out, out))
     if not low <= out <= high:
         raise ConfigError(f"config key {name!r} must be between {low} and {high}, got {value!r}")
+    if name == "profile" and (reason := names.problem(out)):
+        raise ConfigError(f"config key 'profile': {reason} ({names.RULE}), got {value!r}")
     return out
 
 

@@ -110,6 +110,7 @@ class LlamaEngine:
             raise ModelError(f"cannot load model {model_path}: {exc}") from None
         self._adapters: dict[Path, object] = {}  # loaded once, kept for hot-swapping
         self.adapter_path: Path | None = None
+        self.adapter_format: str | None = None  # the trajectory format the adapter was trained on
         if adapter_path is not None:
             self.set_adapter(adapter_path)
 
@@ -165,15 +166,21 @@ class LlamaEngine:
     def set_adapter(self, path: Path | None, scale: float = 1.0) -> None:
         """Switch the LoRA adapter in place: the base model stays loaded."""
         from rpo_local import lora_runtime
+        from rpo_local.adapters import check_base
+        from rpo_local.models import gguf_metadata
 
         with self.lock:
             if path is not None:
                 path = Path(path)
                 if path not in self._adapters:
+                    base = gguf_metadata(path).get("rpo.base_sha256")
+                    check_base(path.name, str(base) if base else None, self.model_path)
                     self._adapters[path] = lora_runtime.load_adapter(self.llm, path)
                 lora_runtime.apply_adapter(self.llm, self._adapters[path], scale)
+                self.adapter_format = lora_runtime.adapter_meta(self._adapters[path], "rpo.trajectory")
             else:
                 lora_runtime.apply_adapter(self.llm, None, 0.0)
+                self.adapter_format = None
             # The KV cache was computed with the old weights: drop it.
             self.llm.reset()
             self.adapter_path = path

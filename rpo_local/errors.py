@@ -36,6 +36,12 @@ class DatabaseError(RpoError):
     exit_code = 6
 
 
+class ReadOnlyDatabase(RpoError):
+    """The database (or its folder) cannot be written; the verbs that only read still work."""
+
+    exit_code = 10
+
+
 class UpstreamError(RpoError):
     """The base model (cloud or local upstream) failed."""
 
@@ -54,6 +60,12 @@ class NotFound(RpoError):
 
 class ConfigError(RpoError):
     exit_code = 9
+
+
+class AdapterMismatch(RpoError):
+    """An adapter trained for another base model than the one configured."""
+
+    exit_code = 11
 
 
 EXIT_INTERRUPTED = 130

@@ -40,7 +40,6 @@ METHODS = ("copy", "base", "context", "rpo", "rpo+adapter")
 REWRITE_METHODS = ("rpo", "rpo+adapter")
 RPO_INPUTS = ("input", "base")
 PROFILE = "lamp-user"  # the one profile of each throw-away store
-_STOPS = ["<|im_end|>"]
 
 Progress = Callable[[int, int], None]  # (users done, users in the run)
 
@@ -521,7 +520,8 @@ class _Runner:
         start = time.perf_counter()
         text = "".join(
             self.engine.stream(
-                prompt, max_tokens=self.max_tokens, stop=_STOPS, temperature=0.0, seed=self.config.seed, result=done
+                prompt, max_tokens=self.max_tokens, stop=[prompts.end_of_turn(template)], temperature=0.0,
+                seed=self.config.seed, result=done,
             )
         )
         return MethodOutput(text.strip(), time.perf_counter() - start, done.completion_tokens)

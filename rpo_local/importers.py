@@ -82,6 +82,8 @@ def iter_llm_logs(path: Path) -> Iterator[dict]:
 
 
 def iter_items(path: Path, *, fmt: str = "auto", split: str = "paragraph", kind: str = "note") -> Iterator[dict]:
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; give the files in it (e.g. {path}/*.md)")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     fmt = detect_format(path) if fmt == "auto" else fmt

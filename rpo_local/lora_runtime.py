@@ -34,6 +34,15 @@ def load_adapter(llm: Any, path: Path) -> Any:
     return handle
 
 
+def adapter_meta(handle: Any, key: str) -> str | None:
+    """A string value of the adapter's GGUF metadata (None when absent)."""
+    import llama_cpp
+
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_adapter_meta_val_str(handle, key.encode("utf-8"), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+
 def apply_adapter(llm: Any, handle: Any | None, scale: float = 1.0) -> None:
     """Make `handle` (None: no adapter) the only adapter of `llm`'s context."""
     import llama_cpp

@@ -138,9 +138,21 @@ def _0004_train_runs(db: sqlite_utils.Database) -> None:
     )
 
 
+def _0005_models(db: sqlite_utils.Database) -> None:
+    # GGUF models registered with `rpo models add` (the embedded one needs no row).
+    db["models"].create(
+        {"id": int, "name": str, "path": str, "sha256": str, "arch": str, "bytes": int,
+         "label": str, "added_at": str},
+        pk="id",
+        not_null={"name", "path", "sha256", "added_at"},
+    )
+    db["models"].create_index(["name"], unique=True)
+
+
 MIGRATIONS: list[Migration] = [
     ("0001_history", _0001_history),
     ("0002_adapters", _0002_adapters),
     ("0003_conversations", _0003_conversations),
     ("0004_train_runs", _0004_train_runs),
+    ("0005_models", _0005_models),
 ]

@@ -7,9 +7,13 @@ The reflection prompt asks for a structured rewriting trajectory of short tagged
     <edits>the edits to make</edits>
     <answer>the rewritten reply</answer>
 
-The assistant turn starts with ASSISTANT_PREFIX (decoding is primed with it), so training
-targets and inference outputs have exactly the same shape. The parser is strict about the
-answer and tolerant of everything else.
+Two shorter formats say the same with fewer generated tokens: `compact` keeps only the style
+note before the answer, `answer` is the answer alone. An adapter records the format it was
+trained on (GGUF key `rpo.trajectory`); the runtime prompts in that format.
+
+The assistant turn starts with `assistant_prefix(fmt)` (decoding is primed with it), so
+training targets and inference outputs have exactly the same shape. The parser is strict
+about the answer and tolerant of everything else.
 """
 
 from __future__ import annotations
@@ -21,17 +25,26 @@ from functools import lru_cache
 
 SECTIONS = ("style", "diff", "edits")
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-ASSISTANT_PREFIX = "<style>"
-# Anything that closes or opens a section ends the answer (a stray tag is never output).
-ANSWER_STOPS = [ANSWER_CLOSE, "</", "<style>", "<diff>", "<edits>", ANSWER_OPEN, "<|im_end|>"]
+FORMATS = ("full", "compact", "answer")  # trajectory formats, longest first
+DEFAULT_FORMAT = "full"  # what an adapter that records none (and the bare model) is prompted with
+# Anything that closes or opens a section ends the answer (a stray tag is never output). The end
+# of the turn needs no stop string: llama.cpp ends generation at the model's own end-of-turn token.
+ANSWER_STOPS = [ANSWER_CLOSE, "</", "<style>", "<diff>", "<edits>", ANSWER_OPEN]
 ITEM_MAX_CHARS = 280
 
-REFLECT_SYSTEM = (
-    "You rewrite a generic reply so that it reads as if the user wrote it, keeping its meaning. "
-    "First note the user's style, how the reply differs, and the edits to make; then give the "
-    "rewrite. Use exactly this format:\n"
-    "<style>...</style>\n<diff>...</diff>\n<edits>...</edits>\n<answer>...</answer>"
-)
+_TASK = "You rewrite a generic reply so that it reads as if the user wrote it, keeping its meaning. "
+REFLECT_SYSTEMS = {
+    "full": _TASK + (
+        "First note the user's style, how the reply differs, and the edits to make; then give the "
+        "rewrite. Use exactly this format:\n"
+        "<style>...</style>\n<diff>...</diff>\n<edits>...</edits>\n<answer>...</answer>"
+    ),
+    "compact": _TASK + (
+        "First note the user's style in a few words; then give the rewrite. Use exactly this "
+        "format:\n<style>...</style>\n<answer>...</answer>"
+    ),
+    "answer": _TASK + "Give only the rewrite, in this format: <answer>...</answer>",
+}
 
 GENERIC_SYSTEM = "You are a helpful assistant. Answer clearly and concisely."
 
@@ -51,19 +64,30 @@ def reflection_user_message(generic: str, items: Sequence[str]) -> str:
     return f"The user's writing:\n{history}\n\nGeneric reply:\n{generic.strip()}"
 
 
-def reflection_messages(generic: str, items: Sequence[str]) -> list[dict]:
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown trajectory format {fmt!r}; known: {', '.join(FORMATS)}")
+    return fmt
+
+
+def assistant_prefix(fmt: str = DEFAULT_FORMAT) -> str:
+    """What the assistant turn starts with (decoding is primed with it)."""
+    return ANSWER_OPEN if check_format(fmt) == "answer" else "<style>"
+
+
+def reflection_messages(generic: str, items: Sequence[str], fmt: str = DEFAULT_FORMAT) -> list[dict]:
     return [
-        {"role": "system", "content": REFLECT_SYSTEM},
+        {"role": "system", "content": REFLECT_SYSTEMS[check_format(fmt)]},
         {"role": "user", "content": reflection_user_message(generic, items)},
     ]
 
 
-def format_trajectory(style: str, diff: str, edits: str, answer: str) -> str:
-    """The assistant's full turn (starting with ASSISTANT_PREFIX): the training target."""
-    return (
-        f"<style>{style.strip()}</style>\n<diff>{diff.strip()}</diff>\n"
-        f"<edits>{edits.strip()}</edits>\n{ANSWER_OPEN}{answer.strip()}{ANSWER_CLOSE}"
-    )
+def format_trajectory(style: str, diff: str, edits: str, answer: str, fmt: str = DEFAULT_FORMAT) -> str:
+    """The assistant's whole turn in format `fmt` (starting with `assistant_prefix(fmt)`)."""
+    parts = {"full": [("style", style), ("diff", diff), ("edits", edits)],
+             "compact": [("style", style)], "answer": []}[check_format(fmt)]
+    head = "".join(f"<{name}>{text.strip()}</{name}>\n" for name, text in parts)
+    return f"{head}{ANSWER_OPEN}{answer.strip()}{ANSWER_CLOSE}"
 
 
 def generic_messages(question: str, system: str = GENERIC_SYSTEM) -> list[dict]:
@@ -116,9 +140,24 @@ def render_chat(template: str, messages: Sequence[dict], *, add_generation_promp
     )
 
 
-def reflection_prompt(template: str, generic: str, items: Sequence[str]) -> str:
-    """The exact text the reflection model continues (ends with ASSISTANT_PREFIX)."""
-    return render_chat(template, reflection_messages(generic, items)) + ASSISTANT_PREFIX
+def reflection_prompt(template: str, generic: str, items: Sequence[str], fmt: str = DEFAULT_FORMAT) -> str:
+    """The exact text the reflection model continues (ends with `assistant_prefix(fmt)`)."""
+    return render_chat(template, reflection_messages(generic, items, fmt)) + assistant_prefix(fmt)
+
+
+_PROBE = "\x00rpo-probe\x00"
+
+
+@lru_cache(maxsize=8)
+def end_of_turn(template: str) -> str:
+    """The text the model's chat template puts after an assistant message ("<|im_end|>",
+    "<end_of_turn>", "<|eot_id|>"): what a training target ends with."""
+    text = render_chat(template, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}],
+                       add_generation_prompt=False)
+    tail = text[text.index(_PROBE) + len(_PROBE):].strip()
+    if not tail:
+        raise ValueError("the chat template ends an assistant turn with nothing")
+    return tail.split()[0]
 
 
 # -- parsing ----------------------------------------------------------------------------------
@@ -145,7 +184,7 @@ def _section(text: str, name: str) -> str:
 
 
 def parse_trajectory(raw: str, *, truncated: bool = False) -> Trajectory:
-    """Parse a trajectory (which starts with ASSISTANT_PREFIX).
+    """Parse a trajectory (which starts with `assistant_prefix`).
 
     `truncated` says generation stopped at its token limit inside the answer: the answer is
     then incomplete and is refused.

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from rpo_local.store import Store
 
 TextSink = Callable[[str], None]
-PHASE1_STOPS = ["<|im_end|>"]  # `<answer>` is watched for in the stream instead
 NOTHING_TO_REWRITE = "nothing to rewrite (no sentence with words a rewrite could change)"
 TIME_BUDGET = "the time budget ran out before this piece"
 
@@ -165,11 +164,23 @@ class Reflector:
             )
         return result
 
-    def rewrite_with_items(self, generic: str, items: list[str]) -> ChunkResult:
+    def rewrite_with_items(self, generic: str, items: list[str], *, fmt: str | None = None) -> ChunkResult:
         """Rewrite a short text with the given context items: no retrieval, nothing recorded
         (held-out evaluation, where the target must not be retrieved as its own context)."""
         with self.engine.lock:
-            return self._rewrite_chunk(generic, items)
+            return self._rewrite_chunk(generic, items, fmt)
+
+    def trajectory_format(self) -> str:
+        """The configured trajectory format; "auto": the one the adapter was trained on."""
+        if self.config.trajectory != "auto":
+            return self.config.trajectory
+        recorded = getattr(self.engine, "adapter_format", None)
+        return recorded if recorded in prompts.FORMATS else prompts.DEFAULT_FORMAT
+
+    def _stops(self, stops: list[str]) -> list[str]:
+        """`stops` and the model's end of turn (llama.cpp stops there too; fakes and other
+        runtimes may not)."""
+        return [*stops, prompts.end_of_turn(self.engine.chat_template())]
 
     # -- one piece ------------------------------------------------------------------------------
 
@@ -214,7 +225,7 @@ class Reflector:
         return piece, traj
 
     def _fits(self, text: str) -> bool:
-        prompt = prompts.reflection_prompt(self.engine.chat_template(), text, [])
+        prompt = prompts.reflection_prompt(self.engine.chat_template(), text, [], self.trajectory_format())
         need = self.engine.count_tokens(prompt) + self.config.trajectory_tokens + self._answer_budget(text)
         return need <= self.engine.n_ctx
 
@@ -230,12 +241,12 @@ class Reflector:
 
     # -- one model call -------------------------------------------------------------------------
 
-    def _fit_items(self, generic: str, items: list[str]) -> tuple[str, list[str]]:
+    def _fit_items(self, generic: str, items: list[str], fmt: str) -> tuple[str, list[str]]:
         """The prompt with as many retrieved items as the context leaves room for."""
         template = self.engine.chat_template()
         budget = self.engine.n_ctx - self.config.trajectory_tokens - self._answer_budget(generic)
         while True:
-            prompt = prompts.reflection_prompt(template, generic, items)
+            prompt = prompts.reflection_prompt(template, generic, items, fmt)
             if not items or self.engine.count_tokens(prompt) <= budget:
                 return prompt, items
             items = items[:-1]
@@ -243,16 +254,21 @@ class Reflector:
     def _answer_budget(self, generic: str) -> int:
         return max(48, 2 * self.engine.count_tokens(generic) + 32)
 
-    def _rewrite_chunk(self, generic: str, items: list[str]) -> ChunkResult:
-        prompt, _ = self._fit_items(generic, items)
-        analysis, text = self._analyse(prompt)
-        raw = prompts.ASSISTANT_PREFIX + text
-        if analysis.finish_reason == "stop":  # end of turn with no answer at all
-            return self._fallback(generic, prompts.parse_trajectory(raw), analysis, None)
-        if analysis.finish_reason != "answer":
-            raw += "\n"  # out of budget or looping: close the analysis so the model still answers
+    def _rewrite_chunk(self, generic: str, items: list[str], fmt: str | None = None) -> ChunkResult:
+        fmt = fmt or self.trajectory_format()
+        prompt, _ = self._fit_items(generic, items, fmt)
+        prefix = prompts.assistant_prefix(fmt)
+        if fmt == "answer":  # the prompt already opens the answer: no analysis phase
+            analysis, raw = Completion(finish_reason="answer"), ""
+        else:
+            analysis, text = self._analyse(prompt)
+            raw = prefix + text
+            if analysis.finish_reason == "stop":  # end of turn with no answer at all
+                return self._fallback(generic, prompts.parse_trajectory(raw), analysis, None)
+            if analysis.finish_reason != "answer":
+                raw += "\n"  # out of budget or looping: close the analysis so the model still answers
         raw += prompts.ANSWER_OPEN
-        answer, streamer, looped = self._answer(prompt + raw[len(prompts.ASSISTANT_PREFIX):], generic)
+        answer, streamer, looped = self._answer(prompt + raw[len(prefix):], generic)
         if looped is not None:
             body, truncated = streamer.answer[:looped], False
         else:
@@ -276,7 +292,7 @@ class Reflector:
         analysis = Completion()
         text = ""
         for piece in self.engine.stream(
-            prompt, max_tokens=cfg.trajectory_tokens, stop=PHASE1_STOPS,
+            prompt, max_tokens=cfg.trajectory_tokens, stop=self._stops([]),
             temperature=cfg.temperature, seed=cfg.seed, result=analysis,
         ):
             text += piece
@@ -298,7 +314,7 @@ class Reflector:
         streamer = prompts.AnswerStreamer()
         looped = None
         for piece in self.engine.stream(
-            prompt, max_tokens=self._answer_budget(generic), stop=prompts.ANSWER_STOPS,
+            prompt, max_tokens=self._answer_budget(generic), stop=self._stops(prompts.ANSWER_STOPS),
             temperature=cfg.temperature, seed=cfg.seed, result=answer,
         ):
             streamer.feed(piece)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from rpo_local import paths
 from rpo_local.config import Config
 from rpo_local.db import now
 from rpo_local.fsutil import atomic_write_text
+from rpo_local.names import file_stem
 
 if TYPE_CHECKING:
     from rpo_local.store import Store
@@ -199,7 +199,7 @@ class TrainScheduler:
     def _launch(self, profile: str) -> None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        base = self.log_dir / f"auto-{re.sub(r'[^A-Za-z0-9_.-]', '_', profile)}-{stamp}"
+        base = self.log_dir / f"auto-{file_stem(profile)}-{stamp}"
         out_path, log_path = base.with_suffix(".json"), base.with_suffix(".log")
         marks = self._current_marks(profile)
         cmd, extra = low_priority(self.command(profile))

@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import json
 import queue
+import re
 import socket
 import sys
 import threading
@@ -28,8 +29,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -37,9 +39,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from rpo_local import __version__
-from rpo_local.adapters import BUILTIN_NAME, builtin_adapter_path, resolve_adapter
-from rpo_local.errors import ConfigError, InputError, NotFound, RpoError, UpstreamError
+from rpo_local import __version__, names
+from rpo_local.adapters import builtin_name, resolve_adapter
+from rpo_local.errors import ConfigError, InputError, NotFound, ReadOnlyDatabase, RpoError, UpstreamError
+from rpo_local.server_schema import ChatRequest, FeedbackRequest, describe
 from rpo_local.store import Store
 
 if TYPE_CHECKING:
@@ -53,25 +56,21 @@ DEFAULT_PORT = 8765
 MAX_BODY_BYTES = 1_000_000
 PIECE_GRACE_S = 10.0  # a piece started within the time budget may take this much longer
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-# Sampling parameters passed on to the upstream as given.
-FORWARDED = (
-    "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "presence_penalty",
-    "frequency_penalty", "seed", "user",
-)
 TextSink = Callable[[str], None]
 
 
 class ApiError(Exception):
     """An OpenAI-style error response."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                   param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
 class RewriteCancelled(Exception):
@@ -230,25 +229,26 @@ class Daemon:
     def select_profile(self, model: str | None, header: str | None) -> tuple[str, bool]:
         """The profile a request is for, and whether `model` named it (then it is not an upstream model)."""
         with self.db_lock:
-            names = {p["name"] for p in self.store.list_profiles()}
+            known = {p["name"] for p in self.store.list_profiles()}
         if header and header.strip():
             name, from_model = header.strip(), False
         elif model and model.startswith("rpo:"):
             name, from_model = model[4:], True
-        elif model and model in names:
+        elif model and model in known:
             return model, True
         else:
             return self.config.profile, False
-        if name not in names:
-            raise ApiError(404, f"unknown profile {name!r}; known: {', '.join(sorted(names))}", code="profile_not_found")
+        if reason := names.problem(name):
+            raise ApiError(400, f"invalid profile name {name!r}: {reason} ({names.RULE})", code="invalid_profile")
+        if name not in known:
+            raise ApiError(404, f"unknown profile {name!r}; known: {', '.join(sorted(known))}", code="profile_not_found")
         return name, from_model
 
     def adapter_label(self, path: str | Path | None) -> str | None:
         if not path:
             return None
-        builtin = builtin_adapter_path()
-        if builtin is not None and Path(path) == builtin:
-            return BUILTIN_NAME
+        if builtin := builtin_name(path):
+            return builtin
         with self.db_lock:
             row = list(self.store.db.query("select name from adapters where path = ? order by id desc limit 1", [str(path)]))
         return row[0]["name"] if row else Path(path).name
@@ -359,37 +359,26 @@ async def read_json(request: Request, limit: int) -> Any:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def _flatten(content: Any, i: int) -> Any:
-    """Content as a string where it is plain text parts; other parts are passed on as they are."""
-    if content is None or isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ApiError(400, f"messages[{i}].content must be a string or a list of parts", code="invalid_messages")
-    if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    return content
+def parse(model: type[Any], body: Any) -> Any:
+    """`body` as the pydantic `model`, or a 400 naming the first problem."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        message, param = describe(exc)
+        raise ApiError(400, message, code="invalid_request", param=param) from None
 
 
-def parse_chat_request(body: Any) -> dict:
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' is required: a non-empty list of {role, content}", code="invalid_messages")
-    clean = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
-            raise ApiError(400, f"messages[{i}] needs a 'role' ({', '.join(sorted(ROLES))})", code="invalid_messages")
-        clean.append({**msg, "content": _flatten(msg.get("content"), i)})
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ApiError(400, "'model' must be a string")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false")
-    params = {k: body[k] for k in FORWARDED if body.get(k) is not None}
-    return {"messages": clean, "model": model, "stream": stream, "params": params,
-            "detail": bool(body.get("rpo_trajectory"))}
+def profile_header(request: Request) -> str | None:
+    """X-RPO-Profile as the client sent it: UTF-8 bytes, or percent-encoded as rpo's own
+    response headers carry it (a valid name never contains '%')."""
+    value = request.headers.get("x-rpo-profile")
+    if value is None:
+        return None
+    try:
+        value = value.encode("latin-1").decode("utf-8")  # the server decoded the bytes as latin-1
+        return unquote(value, errors="strict") if "%" in value else value
+    except UnicodeError:
+        raise ApiError(400, "the X-RPO-Profile header is not valid UTF-8", code="invalid_profile") from None
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -408,8 +397,9 @@ def _rpo_headers(info: dict) -> dict[str, str]:
 
 
 def _header(value: str) -> str:
-    """Header values are latin-1: names outside ASCII are sent percent-encoded."""
-    return value if value.isascii() else quote(value, safe="")
+    """A name as a header value: percent-encoded outside letters, digits and `-_.~`, so neither
+    a newline nor a non-ASCII letter ever reaches the raw header (valid ASCII names read as they are)."""
+    return quote(value, safe="-_.")
 
 
 def _truthy(value: str | None) -> bool:
@@ -420,22 +410,19 @@ def create_app(daemon: Daemon) -> ASGIApp:
     """The ASGI app. Guards (Host, token) wrap every route; `daemon` does the work."""
 
     async def chat_completions(request: Request) -> Response:
-        req = parse_chat_request(await read_json(request, daemon.max_body_bytes))
-        detail = req["detail"] or _truthy(request.headers.get("x-rpo-trajectory"))
-        profile, model_named_profile = await run_in_threadpool(
-            daemon.select_profile, req["model"], request.headers.get("x-rpo-profile")
-        )
+        req: ChatRequest = parse(ChatRequest, await read_json(request, daemon.max_body_bytes))
+        detail = req.rpo_trajectory or _truthy(request.headers.get("x-rpo-trajectory"))
+        profile, model_named_profile = await run_in_threadpool(daemon.select_profile, req.model, profile_header(request))
         daemon.count("requests")
-        upstream_model = None if model_named_profile else req["model"]
+        upstream_model = None if model_named_profile else req.model
+        messages = [m.forwarded() for m in req.messages]
         try:
-            reply = await run_in_threadpool(
-                lambda: daemon.upstream.chat(req["messages"], model=upstream_model, **req["params"])
-            )
+            reply = await run_in_threadpool(lambda: daemon.upstream.chat(messages, model=upstream_model, **req.params()))
         except UpstreamError as exc:
             daemon.count("upstream_errors")
             return error_response(exc.status_code, exc.message, "upstream_error", f"upstream_{exc.status_code}")
-        model = req["model"] or f"rpo:{profile}"
-        if req["stream"]:
+        model = req.model or f"rpo:{profile}"
+        if req.stream:
             return StreamingResponse(
                 _stream(daemon, profile, reply, model, detail), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-RPO-Profile": _header(profile)},
@@ -461,16 +448,12 @@ def create_app(daemon: Daemon) -> ASGIApp:
         return JSONResponse(await run_in_threadpool(daemon.status))
 
     async def feedback(request: Request) -> Response:
-        body = await read_json(request, daemon.max_body_bytes)
-        if not isinstance(body, dict) or not isinstance(body.get("interaction_id"), int) or isinstance(body.get("interaction_id"), bool):
-            raise ApiError(400, "'interaction_id' (an integer) is required")
-        verdict, edited = body.get("verdict"), body.get("edited_text")
-        if not isinstance(verdict, str) or (edited is not None and not isinstance(edited, str)):
-            raise ApiError(400, "'verdict' (accepted, edited, rejected) is required; 'edited_text' must be a string")
-        fid = await run_in_threadpool(daemon.locked, daemon.store.add_feedback, body["interaction_id"], verdict, edited)
+        body: FeedbackRequest = parse(FeedbackRequest, await read_json(request, daemon.max_body_bytes))
+        fid = await run_in_threadpool(daemon.locked, daemon.store.add_feedback, body.interaction_id, body.verdict,
+                                      body.edited_text)
         if daemon.scheduler is not None:
             daemon.scheduler.wake()
-        return JSONResponse({"feedback_id": fid, "interaction_id": body["interaction_id"], "verdict": verdict})
+        return JSONResponse({"feedback_id": fid, "interaction_id": body.interaction_id, "verdict": body.verdict})
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -490,10 +473,11 @@ def create_app(daemon: Daemon) -> ASGIApp:
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return error_response(exc.status, exc.message, exc.kind, exc.code)
+        return error_response(exc.status, exc.message, exc.kind, exc.code, exc.param)
 
     async def rpo_error(request: Request, exc: Exception) -> Response:
-        status = 404 if isinstance(exc, NotFound) else 400 if isinstance(exc, InputError) else 500
+        status = (404 if isinstance(exc, NotFound) else 400 if isinstance(exc, InputError)
+                  else 503 if isinstance(exc, ReadOnlyDatabase) else 500)
         return error_response(status, _describe(exc), "invalid_request_error" if status < 500 else "server_error")
 
     async def internal_error(request: Request, exc: Exception) -> Response:
@@ -615,14 +599,16 @@ class _Guard:
         return None
 
 
+_HOST = re.compile(r"(?:\[(?P<ip6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9.-]+))(?::[0-9]{1,5})?")
+
+
 def host_name(value: str) -> str:
-    """The host part of a Host header: `[::1]:8765` → `::1`, `LocalHost.:80` → `localhost`."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else ""
-    if value.count(":") == 1:
-        value = value.split(":", 1)[0]
-    return value.rstrip(".")
+    """The host of a Host header: `[::1]:8765` → `::1`, `LocalHost.:80` → `localhost`; "" for
+    anything that is not exactly host[:port] (`localhost:80@evil.com`, a bare IPv6, spaces)."""
+    match = _HOST.fullmatch(value.strip().lower())
+    if match is None:
+        return ""
+    return match["ip6"] or match["name"].rstrip(".")
 
 
 def is_loopback(host: str) -> bool:

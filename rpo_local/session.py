@@ -38,7 +38,7 @@ def open_reflector(
     from rpo_local.store import Store
 
     config = config or load_config()
-    profile = profile or config.profile
+    profile = config.profile if profile is None else profile
     store = store or Store.open()
     store.get_profile(profile)
     adapter_path = adapter_for(store, profile, adapter)

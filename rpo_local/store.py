@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -19,8 +20,9 @@ from typing import Any
 import sqlite_utils
 
 from rpo_local import paths
-from rpo_local.db import connect, now
+from rpo_local.db import connect, is_read_only, now, read_only_error
 from rpo_local.errors import InputError, NotFound, ProfileNotFound
+from rpo_local.names import check_profile
 
 KINDS = ("chat", "email", "tweet", "note", "post", "message", "review", "edit", "other")
 VERDICTS = ("accepted", "edited", "rejected")
@@ -38,10 +40,14 @@ def digest(text: str) -> str:
 
 class Store:
     """The database of one user's machine. Each thread gets its own SQLite connection (a
-    connection is not safe to share); writes also take an in-process lock."""
+    connection is not safe to share); writes also take an in-process lock.
+
+    A database this process cannot write is opened read-only: reading works, and every write
+    raises ReadOnlyDatabase before touching anything."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.read_only = is_read_only(self.path)
         self._lock = threading.RLock()
         self._local = threading.local()
         self._connections: list[sqlite_utils.Database] = []
@@ -55,7 +61,7 @@ class Store:
     def db(self) -> sqlite_utils.Database:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = self._local.db = connect(self.path)
+            db = self._local.db = connect(self.path, read_only=self.read_only)
             with self._lock:
                 self._connections.append(db)
         return db
@@ -73,9 +79,26 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def check_writable(self) -> None:
+        """ReadOnlyDatabase unless this process can write the database."""
+        if self.read_only:
+            raise read_only_error(self.path)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """One write (under the lock); a database that turns out read-only is ReadOnlyDatabase."""
+        self.check_writable()
+        with self._lock:
+            try:
+                yield
+            except sqlite3.OperationalError as exc:
+                if "readonly" in str(exc):
+                    raise read_only_error(self.path) from None
+                raise
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        with self._lock:
+        with self.writing():
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield
@@ -91,15 +114,15 @@ class Store:
     # -- profiles -----------------------------------------------------------------------------
 
     def ensure_profile(self, name: str) -> Profile:
-        name = name.strip()
-        if not name:
-            raise InputError("profile name must not be empty")
+        """The profile `name`, created when new (a new name must be valid: rpo_local.names)."""
         with self._lock:
             row = self._one("select id, name from profiles where name = ?", [name])
-            if row is None:
+            if row is not None:
+                return Profile(row["id"], row["name"])
+            check_profile(name)
+            with self.writing():
                 pid = self.db["profiles"].insert({"name": name, "created_at": now()}).last_pk
-                return Profile(pid, name)
-            return Profile(row["id"], row["name"])
+            return Profile(pid, name)
 
     def get_profile(self, name: str) -> Profile:
         row = self._one("select id, name from profiles where name = ?", [name])
@@ -140,6 +163,10 @@ class Store:
 
     def add_items(self, profile: str, items: Iterable[dict]) -> list[int]:
         """Add many items in one transaction; exact duplicates (per profile) are skipped."""
+        items = list(items)
+        bad = next((i["kind"] for i in items if (i.get("kind") or "note") not in KINDS), None)
+        if bad is not None:  # before anything is written, the profile included
+            raise InputError(f"unknown kind {bad!r}; use one of {', '.join(KINDS)}")
         pid = self.ensure_profile(profile).id
         ids: list[int] = []
         with self.transaction():
@@ -148,8 +175,6 @@ class Store:
                 if not text:
                     continue
                 kind = item.get("kind") or "note"
-                if kind not in KINDS:
-                    raise InputError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
                 cur = self.db.execute(
                     "insert or ignore into items (profile_id, text, kind, source, created_at, "
                     "digest, meta) values (?, ?, ?, ?, ?, ?, ?)",
@@ -250,7 +275,7 @@ class Store:
                 row[key] = json.dumps(row[key])
         if "fallback" in row:
             row["fallback"] = int(bool(row["fallback"]))
-        with self._lock:
+        with self.writing():
             return self.db["interactions"].insert(row).last_pk
 
     def get_interaction(self, interaction_id: int) -> dict:
@@ -328,7 +353,7 @@ class Store:
         eval: dict | None = None,
     ) -> int:
         pid = self.ensure_profile(profile).id if profile else None
-        with self._lock:
+        with self.writing():
             return self.db["adapters"].insert(
                 {
                     "name": name,
@@ -366,18 +391,18 @@ class Store:
         pid = self.ensure_profile(profile).id
         if adapter_id is not None:
             self.get_adapter(adapter_id)
-        with self._lock:
+        with self.writing():
             self.db["adapter_activations"].insert(
                 {"profile_id": pid, "adapter_id": adapter_id, "activated_at": now(), "rolled_back": 0}
             )
 
     def active_activation(self, profile: str) -> dict | None:
-        """The newest activation not rolled back; None when the profile never chose one."""
-        pid = self.ensure_profile(profile).id
+        """The newest activation not rolled back; None when the profile never chose one (or
+        does not exist: reading creates nothing)."""
         return self._one(
-            "select * from adapter_activations where profile_id = ? and rolled_back = 0 "
-            "order by id desc limit 1",
-            [pid],
+            "select a.* from adapter_activations a join profiles p on p.id = a.profile_id "
+            "where p.name = ? and a.rolled_back = 0 order by a.id desc limit 1",
+            [profile],
         )
 
     def active_adapter(self, profile: str) -> dict | None:
@@ -391,7 +416,7 @@ class Store:
         row = self.active_activation(profile)
         if row is None:
             raise NotFound(f"profile {profile!r} has no adapter activation to roll back")
-        with self._lock:
+        with self.writing():
             self.db.execute("update adapter_activations set rolled_back = 1 where id = ?", [row["id"]])
         return self.active_adapter(profile)
 
@@ -410,6 +435,32 @@ class Store:
             self.db.execute("delete from adapters where id = ?", [adapter["id"]])
         return adapter
 
+    # -- models -------------------------------------------------------------------------------
+
+    def register_model(self, name: str, info: dict) -> int:
+        if self._one("select id from models where name = ?", [name]):
+            raise InputError(f"a model named {name!r} is registered already; `rpo models remove` it first")
+        with self._lock:
+            return self.db["models"].insert({
+                "name": name, "added_at": now(),
+                **{k: info.get(k) for k in ("path", "sha256", "arch", "bytes", "label")},
+            }).last_pk
+
+    def get_model(self, name: str) -> dict:
+        row = self._one("select * from models where name = ?", [name])
+        if row is None:
+            raise NotFound(f"no model {name!r}; see `rpo models list`")
+        return row
+
+    def list_models(self) -> list[dict]:
+        return list(self.db.query("select * from models order by id"))
+
+    def remove_model(self, name: str) -> dict:
+        row = self.get_model(name)
+        with self._lock:
+            self.db.execute("delete from models where id = ?", [row["id"]])
+        return row
+
     # -- summary ------------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
@@ -421,7 +472,7 @@ class Store:
     def create_conversation(self, profile: str, title: str | None = None) -> int:
         pid = self.ensure_profile(profile).id
         stamp = now()
-        with self._lock:
+        with self.writing():
             return self.db["conversations"].insert(
                 {"profile_id": pid, "title": title, "created_at": stamp, "updated_at": stamp}
             ).last_pk
@@ -486,7 +537,7 @@ class Store:
 
     def update_message(self, message_id: int, content: str) -> None:
         """Replace what a message shows (an assistant turn the user edited)."""
-        with self._lock:
+        with self.writing():
             cur = self.db.execute("update messages set content = ? where id = ?", [content, message_id])
         if not cur.rowcount:
             raise NotFound(f"no message with id {message_id}")

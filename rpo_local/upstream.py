@@ -93,7 +93,8 @@ class LocalUpstream:
         max_tokens = int(params.get("max_tokens") or self.max_tokens)  # type: ignore[arg-type]
         result = Completion()
         try:
-            text = "".join(self.engine.stream(prompt, max_tokens=max_tokens, stop=["<|im_end|>"], result=result))
+            stop = [prompts.end_of_turn(self.engine.chat_template())]
+            text = "".join(self.engine.stream(prompt, max_tokens=max_tokens, stop=stop, result=result))
         except Exception as exc:  # llama.cpp errors surface as generic exceptions
             raise UpstreamError(f"local base model failed: {exc}", 500) from None
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
@@ -105,7 +106,9 @@ def open_upstream(config: Config, *, url: str | None = None, engine_factory=None
     url = url if url is not None else config.upstream_url
     if url:
         key = os.environ.get("RPO_UPSTREAM_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        return OpenAIUpstream(url, api_key=key, model=config.upstream_model)
+        return OpenAIUpstream(url, api_key=key, model=config.upstream_model, timeout=config.upstream_timeout_s)
     from rpo_local.engine import open_engine
 
-    return LocalUpstream((engine_factory or open_engine)(config))
+    if engine_factory is not None:
+        return LocalUpstream(engine_factory(config))
+    return LocalUpstream(open_engine(config, model=config.upstream_local_model or None))

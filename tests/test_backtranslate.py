@@ -9,6 +9,8 @@ from rpo_local import prompts
 from rpo_local.store import digest
 from rpo_local.training import backtranslate, dataset
 
+EOT = "<|im_end|>"  # SmolLM2's end of turn (prompts.end_of_turn of its template)
+
 
 def _row(uid: str, neutral: str, output: str, profile: list[str]) -> dict:
     return {"id": uid, "input": f"Paraphrase the following tweet without any explanation before or after it: {neutral}",
@@ -24,7 +26,7 @@ def test_neutralizer_learns_the_user_text_to_neutral_direction():
     assert len(examples) == 1
     ex = examples[0]
     assert ex.prompt == prompts.render_chat(SMOLLM2_TEMPLATE, prompts.neutral_paraphrase_messages("so tired 2day lol"))
-    assert ex.completion == "I am very tired today." + dataset.EOT
+    assert ex.completion == "I am very tired today." + EOT
 
 
 def test_augmented_examples_skip_copies_and_inventions_and_never_see_their_target(store):
@@ -40,7 +42,7 @@ def test_augmented_examples_skip_copies_and_inventions_and_never_see_their_targe
     ex = examples[0]
     assert ex.generic == "I am walking the dog." and ex.user == "lamp-7"
     assert items[0] not in ex.context and set(ex.context) <= set(items[1:]) and ex.context
-    assert prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + ex.completion).answer == items[0]
+    assert prompts.parse_trajectory(prompts.assistant_prefix() + ex.completion).answer == items[0]
     # per_user bounds the items used as targets, not the history retrieved from
     assert backtranslate.augmented_examples(rows, paraphrases, store, SMOLLM2_TEMPLATE, per_user=0) == []
 

@@ -135,8 +135,26 @@ def test_history_import_malformed_jsonl_names_file_and_line(cli, tmp_path):
     jl = tmp_path / "bad.jsonl"
     jl.write_text('{"text": "fine"}\n{not json}\n')
     r = cli("history", "import", str(jl))
-    assert r.code == 3 and f"{jl}:2" in r.stderr
+    assert r.code == 3 and f"{jl}:2" in r.stderr and "nothing was imported" in r.stderr and r.stdout == ""
     assert cli("profiles", "list", "--json").stdout.strip() == "[]"  # nothing half-imported
+    good = tmp_path / "good.md"
+    good.write_text("a fine paragraph")
+    bad_kind = tmp_path / "kind.jsonl"
+    bad_kind.write_text('{"text": "x", "kind": "spaceship"}\n')
+    for paths in ([good, jl], [good, bad_kind]):  # a bad file after a good one: still nothing
+        r = cli("history", "import", *map(str, paths))
+        assert r.code == 3 and "nothing was imported" in r.stderr, r
+    assert cli("profiles", "list", "--json").stdout.strip() == "[]"
+
+
+def test_history_import_of_a_directory_or_an_empty_file_says_why(cli, tmp_path):
+    r = cli("history", "import", str(tmp_path))
+    assert r.code == 3 and "is a directory" in r.stderr and "no such file" not in r.stderr, r
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    r = cli("history", "import", str(empty), "--json")
+    assert r.code == 0 and json.loads(r.stdout)["added"] == [], r
+    assert f"{empty}: no text in it" in r.stderr and "nothing to import" in r.stderr
 
 
 def test_feedback_and_log(ann, use_fake_engine):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -108,13 +111,31 @@ def _llama_greedy(llm, tokens: list[int], n: int) -> list[int]:
     return out
 
 
+QWEN = Path(os.environ.get("RPO_TEST_QWEN", Path(__file__).resolve().parents[1] / ".models" /
+                           "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def base_gguf(request, model_path) -> Path:
+    """The embedded SmolLM2 (llama: Q/K rows permuted by llama.cpp's converter) and
+    Qwen2.5-Coder-0.5B (qwen2: no permutation, attention biases) when fetched."""
+    if request.param == "llama":
+        return model_path
+    if not QWEN.is_file():
+        pytest.skip(f"Qwen2.5-Coder-0.5B not fetched ({QWEN}; `make models`)")
+    return QWEN
+
+
 @pytest.mark.model
 @pytest.mark.train
-def test_logit_delta_matches_torch(tmp_path, model_path):
+def test_logit_delta_matches_torch(tmp_path, base_gguf):
     import torch
 
     from rpo_local.engine import LlamaEngine
+    from rpo_local.models import gguf_metadata
     from rpo_local.training import export, sft
+
+    model_path = base_gguf
 
     torch.manual_seed(0)
     cfg = sft.SFTConfig(rank=4, alpha=8.0, dropout=0.0)
@@ -128,7 +149,9 @@ def test_logit_delta_matches_torch(tmp_path, model_path):
                 p.normal_(0.0, 0.2)
     model.eval()
     path = export.export_gguf(model, tmp_path / "rand.lora.gguf")
+    assert gguf_metadata(path)["general.architecture"] == gguf_metadata(model_path)["general.architecture"]
 
+    # Both models speak ChatML (their templates' format); the raw turn keeps the prompt identical.
     text = "<|im_start|>user\nWrite a short note about the weather today.<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(text, add_special_tokens=False).input_ids
     with torch.no_grad():

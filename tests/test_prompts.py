@@ -10,7 +10,7 @@ from rpo_local import prompts
 
 def test_chat_template_uses_the_system_role():
     text = prompts.render_chat(SMOLLM2_TEMPLATE, prompts.reflection_messages("Hello there.", ["yo"]))
-    assert text.startswith("<|im_start|>system\n" + prompts.REFLECT_SYSTEM + "<|im_end|>")
+    assert text.startswith("<|im_start|>system\n" + prompts.REFLECT_SYSTEMS["full"] + "<|im_end|>")
     assert "SmolLM" not in text  # the template's default system prompt is replaced, not added
     assert text.endswith("<|im_start|>assistant\n")
 
@@ -23,7 +23,7 @@ def test_template_default_system_when_none_given():
 def test_reflection_prompt_holds_items_and_generic_and_primes_style():
     p = prompts.reflection_prompt(SMOLLM2_TEMPLATE, "The meeting is at noon.", ["lol ok", "see u there"])
     assert "- lol ok\n- see u there" in p and "Generic reply:\nThe meeting is at noon." in p
-    assert p.endswith("<|im_start|>assistant\n" + prompts.ASSISTANT_PREFIX)
+    assert p.endswith("<|im_start|>assistant\n" + prompts.assistant_prefix())
 
 
 def test_long_items_are_clipped():
@@ -33,7 +33,7 @@ def test_long_items_are_clipped():
 
 def test_format_then_parse_roundtrip():
     raw = prompts.format_trajectory("lowercase, emoticons", "generic is formal", "lowercase; add :)", "see u at noon :)")
-    assert raw.startswith(prompts.ASSISTANT_PREFIX)
+    assert raw.startswith(prompts.assistant_prefix())
     traj = prompts.parse_trajectory(raw)
     assert (traj.style, traj.diff, traj.edits, traj.answer) == (
         "lowercase, emoticons", "generic is formal", "lowercase; add :)", "see u at noon :)")
@@ -93,3 +93,38 @@ def test_lamp_context_prompt_task7():
     assert p.startswith('"a", and "b" are written by a person.')
     with pytest.raises(ValueError):
         prompts.lamp_context_prompt("LaMP_1", "q", [])
+
+
+@pytest.mark.parametrize("fmt", prompts.FORMATS)
+def test_every_format_round_trips_through_the_parser(fmt):
+    raw = prompts.format_trajectory("lowercase", "generic is formal", "lowercase", "see u at noon", fmt)
+    assert raw.startswith(prompts.assistant_prefix(fmt))
+    traj = prompts.parse_trajectory(raw)
+    assert traj.answer == "see u at noon" and traj.problem is None
+    assert traj.style == ("" if fmt == "answer" else "lowercase")
+    assert (traj.diff != "") == (fmt == "full")
+    prompt = prompts.reflection_prompt(SMOLLM2_TEMPLATE, "See you at noon.", ["lol"], fmt)
+    assert prompt.endswith(prompts.assistant_prefix(fmt)) and prompts.REFLECT_SYSTEMS[fmt] in prompt
+
+
+def test_shorter_formats_say_less():
+    lengths = [len(prompts.format_trajectory("a b c", "d e f", "g h i", "x", fmt)) for fmt in prompts.FORMATS]
+    assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) == 3
+    with pytest.raises(ValueError):
+        prompts.assistant_prefix("verbose")
+
+
+QWEN_LIKE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+GEMMA_LIKE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
+              "{{ m.content }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+LLAMA3_LIKE = ("{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
+               "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+@pytest.mark.parametrize(("template", "eot"), [
+    (SMOLLM2_TEMPLATE, "<|im_end|>"), (QWEN_LIKE, "<|im_end|>"), (GEMMA_LIKE, "<end_of_turn>"),
+    (LLAMA3_LIKE, "<|eot_id|>"),
+])
+def test_end_of_turn_comes_from_the_models_template(template, eot):
+    assert prompts.end_of_turn(template) == eot

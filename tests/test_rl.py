@@ -23,6 +23,8 @@ from rpo_local.config import load_config
 from rpo_local.evaluate import rouge
 from rpo_local.training import dataset, rl
 
+EOT = "<|im_end|>"  # SmolLM2's end of turn (prompts.end_of_turn of its template)
+
 ROOT = Path(__file__).resolve().parents[1]
 GENERIC = "I am feeling very tired after the long trip to Paris today."
 TARGET = "so tired after paris trip today lol"
@@ -57,7 +59,7 @@ def test_rollouts_reward_each_sample_and_keep_the_best_that_beats_the_generic_te
 
     (kept,) = rl.select(rolls, margin=0.05)
     assert kept.prompt == _example().prompt and kept.target == TARGET
-    traj = prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + kept.completion.removesuffix(dataset.EOT))
+    traj = prompts.parse_trajectory(prompts.assistant_prefix() + kept.completion.removesuffix(EOT))
     assert traj.answer == answers[0] and traj.edits == "shorten"
     figures = rl.summary(rolls, [kept])
     assert figures["kept"] == 1 and figures["samples"] == 3 and figures["best_reward"] > figures["baseline_reward"]
@@ -95,7 +97,7 @@ def _fake_generate(monkeypatch, calls: list | None = None, pause: float = 0.0) -
     """torch generation replaced: sample i of every prompt is RAWS[i]."""
     from rpo_local.training import generate
 
-    def fake(model, tok, texts, *, n=1, **kw):  # noqa: ANN001, ANN003, ANN202
+    def fake(model, tok, texts, eot, *, n=1, **kw):  # noqa: ANN001, ANN003, ANN202
         if calls is not None:
             calls.append(len(texts))
         time.sleep(pause)
@@ -107,11 +109,11 @@ def _fake_generate(monkeypatch, calls: list | None = None, pause: float = 0.0) -
 def test_torch_rollouts_gate_and_reward_each_sample_like_the_runtime(monkeypatch):
     _fake_generate(monkeypatch)
     ex = _example()
-    (roll,) = rl.torch_rollouts(None, None, [ex], n=3, min_kept=0.5)
+    (roll,) = rl.torch_rollouts(None, None, template=SMOLLM2_TEMPLATE, examples=[ex], n=3, min_kept=0.5)
     assert roll.baseline == pytest.approx(rouge(GENERIC, TARGET)[0])
     good, dropped, unparsed = roll.samples
     assert not good.fallback and good.answer == KEEPS and good.reward == pytest.approx(rouge(KEEPS, TARGET)[0])
-    traj = prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + good.completion.removesuffix(dataset.EOT))
+    traj = prompts.parse_trajectory(prompts.assistant_prefix() + good.completion.removesuffix(EOT))
     assert traj.answer == KEEPS and traj.edits == "shorten"
     # what the gate refuses, or what has no answer, is the generic text, as `rpo rewrite` prints it
     for s in (dropped, unparsed):
@@ -122,13 +124,13 @@ def test_torch_rollouts_gate_and_reward_each_sample_like_the_runtime(monkeypatch
 def test_torch_rollouts_sample_in_chunks_until_the_deadline(monkeypatch):
     calls: list[int] = []
     _fake_generate(monkeypatch, calls)
-    rolls = rl.torch_rollouts(None, None, [_example()] * 5, n=2, chunk=2)
+    rolls = rl.torch_rollouts(None, None, template=SMOLLM2_TEMPLATE, examples=[_example()] * 5, n=2, chunk=2)
     assert calls == [2, 2, 1] and len(rolls) == 5 and all(len(r.samples) == 2 for r in rolls)
 
     calls.clear()
-    assert rl.torch_rollouts(None, None, [_example()] * 5, chunk=2, deadline=time.monotonic() - 1) == []
+    assert rl.torch_rollouts(None, None, template=SMOLLM2_TEMPLATE, examples=[_example()] * 5, chunk=2, deadline=time.monotonic() - 1) == []
     _fake_generate(monkeypatch, calls, pause=0.2)  # the deadline passes during the first chunk
-    rolls = rl.torch_rollouts(None, None, [_example()] * 5, chunk=2, deadline=time.monotonic() + 0.1)
+    rolls = rl.torch_rollouts(None, None, template=SMOLLM2_TEMPLATE, examples=[_example()] * 5, chunk=2, deadline=time.monotonic() + 0.1)
     assert calls == [2] and len(rolls) == 2
 
 
@@ -144,7 +146,7 @@ def test_real_torch_rollouts_from_the_shipped_adapter(lamp7, store, model_path):
     examples = dataset.lamp_examples(rows, store, dataset.gguf_chat_template(model_path), min_kept=0.0)[:2]
     model, tok = sft.load_base(model_path)
     model, _ = sft.with_lora(model, sft.SFTConfig(init_adapter=str(builtin_adapter_path())))
-    rolls = rl.torch_rollouts(model, tok, examples, n=3, temperature=1.0, min_kept=0.0, max_new_tokens=160,
+    rolls = rl.torch_rollouts(model, tok, examples, dataset.gguf_chat_template(model_path), n=3, temperature=1.0, min_kept=0.0, max_new_tokens=160,
                               progress=False)
     answers = set()
     for roll, ex in zip(rolls, examples, strict=True):
@@ -152,7 +154,7 @@ def test_real_torch_rollouts_from_the_shipped_adapter(lamp7, store, model_path):
         for s in roll.samples:
             assert s.reward == pytest.approx(rouge(s.answer, ex.target)[0])
             if not s.fallback:
-                traj = prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + s.completion.removesuffix(dataset.EOT))
+                traj = prompts.parse_trajectory(prompts.assistant_prefix() + s.completion.removesuffix(EOT))
                 assert traj.answer == s.answer and traj.style
                 answers.add(s.answer)
     assert len(answers) > 2, "sampling at temperature 1 gave (almost) identical or no rewrites"
@@ -201,7 +203,7 @@ def test_real_rollouts_sample_parseable_trajectories_from_the_shipped_adapter(la
         assert roll.baseline == pytest.approx(rouge(ex.generic, ex.target)[0])
         for s in roll.samples:
             assert s.reward == pytest.approx(rouge(s.answer, ex.target)[0])
-            traj = prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + s.completion.removesuffix(dataset.EOT))
+            traj = prompts.parse_trajectory(prompts.assistant_prefix() + s.completion.removesuffix(EOT))
             assert traj.answer == s.answer
             answers.add(s.answer)
     assert len(answers) > 2, "sampling at temperature 1 gave (almost) identical rewrites"
@@ -251,6 +253,6 @@ def test_train_rl_end_to_end(rpo_home, lamp7):
     assert run == {"kind": "rl", "status": doc["status"], "adapter_id": adapter["id"]}
     assert adapter["train_summary"]["examples"] == rolls["kept"] == len(kept)
     for ex in kept:  # the model's own trajectories, in the format the parser reads
-        traj = prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + ex.completion.removesuffix(dataset.EOT))
+        traj = prompts.parse_trajectory(prompts.assistant_prefix() + ex.completion.removesuffix(EOT))
         assert traj.answer and traj.style is not None
     verify_adapter(embedded_model_path(), Path(adapter["path"]))

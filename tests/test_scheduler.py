@@ -196,12 +196,12 @@ def test_daemon_hot_swaps_the_adapter_while_requests_continue(store, fake_engine
 
 def test_a_command_that_cannot_run_is_a_failed_run(store, tmp_path):
     sched = make(store, lambda p: [str(tmp_path / "no-such-program")])
-    store.add_items("a/b c", [{"text": t} for t in "abc"])  # a name that is no file name
+    store.add_items("Zoë_b", [{"text": t} for t in "abc"])  # a name that is no plain file name
     sched.tick()
     run_to_end(sched)
-    last = sched.status()["profiles"]["a/b c"]["last_run"]
+    last = sched.status()["profiles"]["Zoë_b"]["last_run"]
     assert last["status"] == "failed" and ("cannot start" in last["reason"] or "exit code 127" in last["reason"])
-    assert not sched.status()["profiles"]["a/b c"]["interval_ok"]
+    assert not sched.status()["profiles"]["Zoë_b"]["interval_ok"]
 
 
 def test_background_runs_leave_half_the_cores_to_serving(monkeypatch):

@@ -37,6 +37,13 @@ def test_busy_port_is_a_clear_error(cli):
     assert result.code == 9 and "cannot listen" in result.stderr
 
 
+def test_help_names_the_time_limits_and_their_settings(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    out = cli("serve", "--help").stdout
+    assert "--upstream-timeout" in out and "upstream_timeout_s; default 120" in out
+    assert "--timeout" in out and "rewrite_timeout_s; default 30" in out
+
+
 def test_help_does_not_import_heavy_modules():
     code = "import sys; from rpo_local.cli import app; print(sorted(m for m in ('llama_cpp', 'torch', 'starlette', 'uvicorn') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -208,6 +208,18 @@ def test_upstream_down_is_502(start, store):
     assert store.counts()["interactions"] == 0
 
 
+def test_upstream_timeout_is_a_setting(start, upstream, monkeypatch):
+    from rpo_local.upstream import open_upstream
+
+    monkeypatch.setenv("RPO_UPSTREAM_TIMEOUT_S", "0.3")
+    upstream.delay = 2.0
+    server, daemon = start()
+    daemon.upstream = open_upstream(load_config(), url=upstream.url)
+    t0 = time.monotonic()
+    resp = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 504 and time.monotonic() - t0 < 1.5
+
+
 def test_upstream_slow_is_504(start, upstream):
     upstream.delay = 2.0
     server, _ = start(upstream_timeout=0.3)
@@ -238,14 +250,100 @@ def test_upstream_errors_are_passed_back(start, upstream, status, message):
         (b'{"messages": [{"content": "no role"}]}', "needs a 'role'"),
         (b'{"messages": [{"role": "user", "content": 5}]}', "must be a string"),
         (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "'stream'"),
+        (b'{"messages": [{"role": "user", "content": null}]}', "needs 'content'"),
+        (b'{"messages": [{"role": "user"}]}', "needs 'content'"),
+        (b'{"messages": [{"role": "user", "content": [1, 2]}]}', "only text parts"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}',
+         "'image_url': only text parts"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}', "only text parts"),
+        (b'{"messages": [1, 2]}', "'messages[0]': each message is an object"),
+        (b'{"messages": "hi"}', "'messages' is required"),
+        (b'{"messages": {"role": "user", "content": "x"}}', "'messages' is required"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "lots"}', "'max_tokens'"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": -5}', "'max_tokens'"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "'temperature'"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "stop": 5}', "'stop'"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "model": 5}', "'model'"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "rpo_trajectory": "maybe"}', "'rpo_trajectory'"),
+        (b'{"messages": [{"role": "bot", "content": "x"}]}', "needs a 'role'"),
+        (b'null', "JSON object"),
     ],
 )
-def test_malformed_requests_are_400(start, store, content, needle):
+def test_malformed_requests_are_400(start, store, upstream, content, needle):
     server, _ = start()
-    resp = httpx.post(server.url + "/v1/chat/completions", content=content, headers={"content-type": "application/json"})
-    assert resp.status_code == 400
-    assert needle in resp.json()["error"]["message"]
-    assert store.counts()["interactions"] == 0
+    for stream in (False, True):
+        streamable = content.startswith(b'{"messages') and b'"stream"' not in content
+        body = content[:-1] + b', "stream": true}' if stream and streamable else content
+        resp = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert needle in error["message"] and error["type"] == "invalid_request_error"
+        assert set(error) == {"message", "type", "param", "code"}
+    assert store.counts()["interactions"] == 0 and upstream.requests == [], "refused before any work"
+
+
+def test_text_parts_and_tool_turns_are_accepted(start, upstream):
+    server, _ = start()
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "look at "}, {"type": "text", "text": "my draft"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                               "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+    ]
+    resp = httpx.post(server.url + "/v1/chat/completions",
+                      json={"model": "rpo:alice", "messages": messages, "max_tokens": 20, "temperature": 0, "n": 1})
+    assert resp.status_code == 200, resp.text
+    sent = upstream.requests[-1]["body"]
+    assert [m["content"] for m in sent["messages"]] == ["look at my draft", None, "done"]
+    assert sent["messages"][1]["tool_calls"][0]["id"] == "c1" and sent["messages"][2]["tool_call_id"] == "c1"
+    assert sent["max_tokens"] == 20 and sent["temperature"] == 0 and "n" not in sent
+
+
+def test_bad_feedback_bodies_are_400(start):
+    server, _ = start()
+    url = server.url + "/v1/rpo/feedback"
+    for body in ([1], {"interaction_id": "1", "verdict": "accepted"}, {"interaction_id": True, "verdict": "accepted"},
+                 {"interaction_id": 1, "verdict": None}, {"interaction_id": 1, "verdict": "edited", "edited_text": 5}):
+        resp = httpx.post(url, json=body)
+        assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error", (body, resp.text)
+
+
+# -- profile names in headers ------------------------------------------------------------------
+
+def test_utf8_profile_header_is_read_as_sent(start, store):
+    store.add_item("Zoë", "coucou, à plus")
+    server, _ = start()
+    url = server.url + "/v1/chat/completions"
+    body = {"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}]}
+    for header in ("Zoë".encode(), b"Zo%C3%AB"):  # raw UTF-8, or percent-encoded as rpo sends it back
+        resp = httpx.post(url, json=body, headers={"X-RPO-Profile": header})
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-rpo-profile"] == "Zo%C3%AB" and resp.json()["rpo"]["profile"] == "Zoë"
+        assert store.get_interaction(int(resp.headers["x-rpo-interaction-id"]))["profile"] == "Zoë"
+    resp = httpx.post(url, json=body, headers={"X-RPO-Profile": b"Zo\xeb"})  # latin-1, not UTF-8
+    assert resp.status_code == 400 and "UTF-8" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("model", ["rpo:a\nb", "rpo:../../x", "rpo:", "rpo:a b"])
+def test_invalid_profile_names_are_400_before_any_work(start, store, upstream, model):
+    server, _ = start()
+    resp = httpx.post(server.url + "/v1/chat/completions",
+                      json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_profile"
+    assert upstream.requests == [] and store.counts()["interactions"] == 0
+
+
+def test_a_stored_name_with_a_newline_still_gets_its_reply(start, store):
+    """An old database may hold any name: the reply arrives, its headers carry the name encoded."""
+    from rpo_local.db import now
+
+    store.db["profiles"].insert({"name": "bad\nname", "created_at": now()})
+    server, _ = start()
+    for stream in (False, True):
+        resp = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                          json={"model": "bad\nname", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status_code == 200 and resp.headers["x-rpo-profile"] == "bad%0Aname"
+    assert store.list_interactions("bad\nname", limit=5)
 
 
 def test_oversized_body_is_413(start):
@@ -272,7 +370,9 @@ def test_bearer_token(start):
     assert httpx.get(server.url + "/health").status_code == 200  # liveness needs no token
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:8765", "127.0.0.1.nip.io", "192.168.1.10"])
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8765", "127.0.0.1.nip.io", "192.168.1.10",
+                                  "localhost:80@evil.com", "localhost@evil.com", "127.0.0.1:80/evil", "localhost evil",
+                                  "[::1]@evil.com", "localhost:80:81", "::1"])
 def test_foreign_host_header_is_403(start, host):
     server, _ = start()
     resp = httpx.get(server.url + "/v1/models", headers={"Host": host})
@@ -288,6 +388,7 @@ def test_loopback_host_headers_are_allowed(start, host):
 def test_host_name():
     assert host_name("[::1]:80") == "::1" and host_name("LocalHost.:80") == "localhost"
     assert host_name("127.0.0.1") == "127.0.0.1" and host_name("") == ""
+    assert host_name("localhost:80@evil.com") == "" and host_name("localhost:http") == ""
 
 
 # -- concurrency and feedback ------------------------------------------------------------------

@@ -15,12 +15,14 @@ from rpo_local import prompts, retrieve
 from rpo_local.store import digest
 from rpo_local.training import dataset
 
+EOT = "<|im_end|>"  # SmolLM2's end of turn (prompts.end_of_turn of its template)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _parse(ex: dataset.Example) -> prompts.Trajectory:
-    assert ex.completion.endswith(dataset.EOT)
-    return prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + ex.completion[: -len(dataset.EOT)])
+    assert ex.completion.endswith(EOT)
+    return prompts.parse_trajectory(prompts.assistant_prefix() + ex.completion[: -len(EOT)])
 
 
 def test_features_are_measured():

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from rpo_local import prompts
 from rpo_local.models import resolve_model_path, sha256
 from rpo_local.store import Store, digest
 from rpo_local.training import backtranslate, dataset, export, sft
@@ -46,6 +47,11 @@ def main() -> None:
     ap.add_argument("--top-layers", type=int, default=10, help="LoRA on the top N blocks (0: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    ap.add_argument("--format", choices=prompts.FORMATS, default=prompts.DEFAULT_FORMAT,
+                    help="trajectory format the adapter learns (recorded in it)")
+    ap.add_argument("--k", type=int, default=4, help="history items in each prompt")
+    ap.add_argument("--min-kept", type=float, default=dataset.MIN_TARGET_KEPT,
+                    help="keep LaMP pairs whose tweet keeps this share of the neutral text's content words")
     ap.add_argument("--augment", type=int, default=0, help="history items per user to back-translate (0: off)")
     ap.add_argument("--gold-repeat", type=int, default=1, help="times the LaMP pairs appear in the data")
     ap.add_argument("--neutralizer-epochs", type=float, default=3.0)
@@ -72,6 +78,7 @@ def main() -> None:
     model, result = sft.train(model_path, examples, args.run_dir, cfg)
     export.export_gguf(model, args.out, meta={
         "base_sha256": sha256(model_path),
+        "trajectory": args.format,
         "data": f"LaMP-7 dev users {dataset.EVAL_USERS + args.offset}+ (n={len(examples)}, augment={args.augment})",
     })
     summary = {"adapter": str(args.out), "bytes": args.out.stat().st_size, "config": cfg.__dict__,
@@ -92,11 +99,13 @@ def build_examples(args: argparse.Namespace, rows: list[dict], model_path: Path)
     for name in ("retrieval.db", "augment.db"):
         (args.run_dir / name).unlink(missing_ok=True)
     with Store.open(args.run_dir / "retrieval.db") as store:
-        examples = dataset.lamp_examples(rows, store, template) * args.gold_repeat
+        examples = dataset.lamp_examples(rows, store, template, k=args.k, min_kept=args.min_kept,
+                                         fmt=args.format) * args.gold_repeat
     if args.augment:
         paraphrases = paraphrase_history(args, rows, model_path, template)
         with Store.open(args.run_dir / "augment.db") as store:
-            extra = backtranslate.augmented_examples(rows, paraphrases, store, template, per_user=args.augment)
+            extra = backtranslate.augmented_examples(rows, paraphrases, store, template, per_user=args.augment,
+                                                     k=args.k, fmt=args.format)
         print(f"{len(extra)} back-translated examples", file=sys.stderr)
         examples += extra
     return examples

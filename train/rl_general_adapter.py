@@ -121,7 +121,7 @@ def one_round(args: argparse.Namespace, model_path: Path, adapter: Path, pool: l
         "data": f"LaMP-7 dev users {dataset.EVAL_USERS + args.offset}+, RL round {r}: {len(kept)}/{len(rolls)} kept",
     })
     figures["train"] = {k: v for k, v in result.to_dict().items() if k != "losses"}
-    figures["val"] = score(model, base[1], val) if val else None
+    figures["val"] = score(model, base[1], val, model_path) if val else None
     figures["wall_s"] = round(time.perf_counter() - t0, 1)
     return trained, figures
 
@@ -166,7 +166,7 @@ def rollouts(args: argparse.Namespace, model_path: Path, adapter: Path,
     else:
         model, tok = adapter_model(model_path, args, adapter)
         deadline = time.monotonic() + args.budget_s if args.budget_s else None
-        rolls = rl.torch_rollouts(model, tok, pool, n=args.samples, temperature=args.temperature,
+        rolls = rl.torch_rollouts(model, tok, pool, dataset.gguf_chat_template(model_path), n=args.samples, temperature=args.temperature,
                                   min_kept=config.min_content_kept, deadline=deadline, seed=r)
     atomic_write_text(path, "".join(json.dumps(asdict(x), ensure_ascii=False) + "\n" for x in rolls))
     return rolls
@@ -195,15 +195,15 @@ def adapter_model(model_path: Path, args: argparse.Namespace, adapter: Path) -> 
 
 def validate(model_path: Path, args: argparse.Namespace, adapter: Path, val: list[dataset.Example]) -> dict:
     model, tok = adapter_model(model_path, args, adapter)
-    figures = score(model, tok, val)
+    figures = score(model, tok, val, model_path)
     print(json.dumps({"val": str(adapter), **figures}), flush=True)
     return figures
 
 
-def score(model: Any, tok: Any, val: list[dataset.Example]) -> dict:
+def score(model: Any, tok: Any, val: list[dataset.Example], model_path: Path) -> dict:
     """Greedy rewrites of the validation examples with the runtime's content gate: mean
     ROUGE-1 of what `rpo rewrite` would print, against keeping the generic text."""
-    rolls = rl.torch_rollouts(model, tok, val, n=1, temperature=0.0, min_kept=load_config().min_content_kept,
+    rolls = rl.torch_rollouts(model, tok, val, dataset.gguf_chat_template(model_path), n=1, temperature=0.0, min_kept=load_config().min_content_kept,
                               progress=False)
     figures = rl.summary(rolls, [])
     return {"copy": figures["baseline_reward"], "rpo": figures["best_reward"],

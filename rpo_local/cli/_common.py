@@ -12,8 +12,20 @@ import typer
 
 from rpo_local.errors import InputError
 
+
+
+def _valid_profile(value: str | None) -> str | None:
+    """--profile as given, refused (exit 3) unless a valid name: "" never means the default."""
+    from rpo_local.names import check_profile
+
+    return None if value is None else check_profile(value)
+
+
 ProfileOpt = Annotated[
-    str | None, typer.Option("--profile", "-p", help="Profile (user/persona) to use [default: configured]")
+    str | None,
+    typer.Option(
+        "--profile", "-p", callback=_valid_profile, help="Profile (user/persona) to use [default: configured]"
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document")]
 
@@ -82,6 +94,7 @@ def open_store():  # noqa: ANN201 - avoids importing the store module at CLI sta
 
 
 def profile_name(profile: str | None) -> str:
+    """The profile a verb acts on: --profile when given, else the configured one."""
     from rpo_local.config import load_config
 
-    return profile or load_config().profile
+    return load_config().profile if profile is None else profile

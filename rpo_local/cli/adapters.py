@@ -13,20 +13,24 @@ app = typer.Typer(help="List, activate, roll back and remove LoRA adapters.", no
 
 
 def _builtin_entry() -> dict | None:
-    from rpo_local.adapters import BUILTIN_NAME, builtin_adapter_path
+    """The shipped adapter for the configured reflection model, if there is one."""
+    from rpo_local.adapters import builtin_for
 
-    path = builtin_adapter_path()
-    return {"id": None, "name": BUILTIN_NAME, "path": str(path), "profile": None, "builtin": True} if path else None
+    found = builtin_for()
+    if found is None:
+        return None
+    return {"id": None, "name": found[0], "path": str(found[1]), "profile": None, "builtin": True}
 
 
 def _in_use(store, profile: str) -> str | None:  # noqa: ANN001 - Store
     """The name of the adapter `profile` runs with now (None: the bare base model)."""
-    from rpo_local.adapters import BUILTIN_NAME, resolve_adapter
+    from rpo_local.adapters import builtin_for
 
     activation = store.active_activation(profile)
     if activation is not None:
         return store.get_adapter(activation["adapter_id"])["name"] if activation["adapter_id"] else None
-    return BUILTIN_NAME if resolve_adapter(store, profile) else None
+    found = builtin_for()
+    return found[0] if found else None
 
 
 @app.command("list")
@@ -67,7 +71,7 @@ def activate(
 ) -> None:
     """Make ADAPTER the profile's adapter (verified to load in llama.cpp first)."""
     from rpo_local import lora_runtime
-    from rpo_local.adapters import BUILTIN_NAME
+    from rpo_local.adapters import BUILTINS, check_base
     from rpo_local.config import load_config
     from rpo_local.models import resolve_model_path
 
@@ -78,26 +82,35 @@ def activate(
             store.set_active_adapter(name, None)
             note(f"profile {name!r} now runs the bare base model")
             return
-        row = _builtin_row(store) if adapter == BUILTIN_NAME else store.get_adapter(adapter)
-        lora_runtime.verify_adapter(resolve_model_path(load_config().model or None), Path(row["path"]))
+        row = _builtin_row(store, adapter) if adapter in BUILTINS else store.get_adapter(adapter)
+        model = resolve_model_path(load_config().model or None, store)
+        check_base(row["name"], row.get("base_sha256") or _recorded_base(Path(row["path"])), model)
+        lora_runtime.verify_adapter(model, Path(row["path"]))
         store.set_active_adapter(name, row["id"])
     note(f"profile {name!r} now uses adapter {row['name']!r}")
 
 
-def _builtin_row(store) -> dict:  # noqa: ANN001 - Store
-    """The shipped adapter as a registry row (registered on first explicit use, so that
+def _recorded_base(path: Path) -> str | None:
+    from rpo_local.models import gguf_metadata
+
+    base = gguf_metadata(path).get("rpo.base_sha256") if path.is_file() else None
+    return str(base) if base else None
+
+
+def _builtin_row(store, name: str) -> dict:  # noqa: ANN001 - Store
+    """A shipped adapter as a registry row (registered on first explicit use, so that
     activations and rollbacks can refer to it)."""
-    from rpo_local.adapters import BUILTIN_NAME, builtin_adapter_path
+    from rpo_local.adapters import BUILTINS, asset_path
     from rpo_local.errors import NotFound
 
     try:
-        return store.get_adapter(BUILTIN_NAME)
+        return store.get_adapter(name)
     except NotFound:
-        path = builtin_adapter_path()
-        if path is None:
-            raise NotFound(f"this installation ships no {BUILTIN_NAME!r} adapter") from None
-        store.register_adapter(BUILTIN_NAME, path, train_summary={"builtin": True})
-        return store.get_adapter(BUILTIN_NAME)
+        file, base = BUILTINS[name]
+        if not asset_path(file).is_file():
+            raise NotFound(f"this installation ships no {name!r} adapter") from None
+        store.register_adapter(name, asset_path(file), base_sha256=base, train_summary={"builtin": True})
+        return store.get_adapter(name)
 
 
 @app.command("rollback")

@@ -29,7 +29,7 @@ def chat(
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise InputError("rpo chat needs an interactive terminal; use `rpo rewrite` in scripts")
     config = load_config()
-    name = profile or config.profile
+    name = config.profile if profile is None else profile
     from rpo_local.tui.app import ChatApp
     from rpo_local.tui.pipeline import ChatPipeline
 

@@ -45,7 +45,7 @@ def eval_cmd(
     from rpo_local import evaluate, lamp
 
     dataset = lamp.load(data, questions=questions, outputs=outputs, task=task)
-    adapter_path = _adapter_path(adapter)
+    adapter_path = _adapter_path(adapter, model)
     method_list = evaluate.parse_methods(methods or _default_methods(adapter_path, replies))
     if "rpo+adapter" not in method_list:
         adapter_path = None
@@ -82,11 +82,15 @@ def eval_cmd(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-def _adapter_path(adapter: str | None) -> Path | None:
-    """The adapter for rpo+adapter: --adapter (a file, or a name/id registered in the store), else the builtin one."""
+def _adapter_path(adapter: str | None, model: Path | None) -> Path | None:
+    """The adapter for rpo+adapter: --adapter (a file, or a name/id registered in the store), else
+    the builtin one for the model evaluated."""
     from rpo_local.adapters import adapter_from_ref, builtin_adapter_path
+    from rpo_local.models import resolve_model_path
 
-    return builtin_adapter_path() if adapter is None else adapter_from_ref(adapter)
+    if adapter is not None:
+        return adapter_from_ref(adapter)
+    return builtin_adapter_path(resolve_model_path(model) if model else None)
 
 
 def _default_methods(adapter: Path | None, replies: bool = False) -> str:

@@ -66,9 +66,15 @@ def import_(
     if split not in ("paragraph", "file"):
         raise InputError("--split must be 'paragraph' or 'file'")
     items: list[dict] = []
-    for path in paths:
-        items.extend(iter_items(path, fmt=fmt, split=split, kind=kind))  # all parsed before any write
-    _add(items, profile, json_out)
+    try:
+        for path in paths:  # all parsed before any write: one bad file or line imports nothing
+            found = list(iter_items(path, fmt=fmt, split=split, kind=kind))
+            if not found:
+                note(f"{path}: no text in it (empty, or blank lines only); nothing to import from it")
+            items.extend(found)
+        _add(items, profile, json_out)
+    except InputError as exc:
+        raise InputError(f"{exc.message}; nothing was imported") from None
 
 
 @app.command("list")

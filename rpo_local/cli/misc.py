@@ -61,7 +61,7 @@ def doctor(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
     from rpo_local.models import resolve_model_path
 
     config = load_config()
-    name = profile or config.profile
+    name = config.profile if profile is None else profile
     report: dict = {"profile": name, "problems": []}
     try:
         from rpo_local.engine import backend_name
@@ -81,6 +81,7 @@ def doctor(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
         from rpo_local.adapters import resolve_adapter
 
         with open_store() as store:
+            report["database"]["read_only"] = store.read_only
             report["database"]["counts"] = store.counts()
             adapter = resolve_adapter(store, name)
             report["adapter"] = str(adapter) if adapter else None
@@ -124,7 +125,7 @@ def _print_report(report: dict) -> None:
         ("backend", report.get("backend")),
         ("model", f"{model.get('path')} ({model.get('bytes', 0) / 1e6:.0f} MB)" if model else None),
         ("adapter", report.get("adapter") or "none"),
-        ("database", db.get("path")),
+        ("database", f"{db.get('path')}{' (read-only)' if db.get('read_only') else ''}"),
         ("counts", ", ".join(f"{k} {v}" for k, v in (db.get("counts") or {}).items())),
         ("last training", report.get("training") or "never"),
         ("auto-training", _auto_training(report.get("auto_training"))),

@@ -34,13 +34,17 @@ def rewrite(
     """
     from rpo_local.config import load_config
     from rpo_local.session import open_reflector
+    from rpo_local.store import Store
 
     text = read_input(file, what="generic reply")
     config = load_config()
     if k is not None:
         config.k = k
-    reflector = open_reflector(config, profile=profile, model=model, adapter=adapter)
-    profile = profile or config.profile
+    store = Store.open()
+    if log:
+        store.check_writable()  # before the model loads; --no-log works on a read-only database
+    reflector = open_reflector(config, profile=profile, model=model, adapter=adapter, store=store)
+    profile = config.profile if profile is None else profile
     on_note = None if quiet else note
     if json_out:
         result = reflector.rewrite(text, profile, log=log, on_note=on_note, source="cli")

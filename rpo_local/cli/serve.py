@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from rpo_local.cli._common import ProfileOpt, note, use_color
+from rpo_local.config import Config
 
 
 def serve(
@@ -20,7 +21,8 @@ def serve(
     allow_host: Annotated[list[str] | None, typer.Option("--allow-host", help="Extra Host header name to accept (repeatable)")] = None,
     profile: ProfileOpt = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="GGUF reflection model")] = None,
-    timeout: Annotated[float | None, typer.Option("--timeout", min=0.1, help="Rewrite time budget in seconds")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0.1, help=f"Rewrite time budget, s (config rewrite_timeout_s; default {Config.rewrite_timeout_s:g})")] = None,
+    upstream_timeout: Annotated[float | None, typer.Option("--upstream-timeout", min=0.1, help=f"Wait this long for a remote upstream, then 504, s (config upstream_timeout_s; default {Config.upstream_timeout_s:g})")] = None,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes (413 above)")] = 1_000_000,
     train: Annotated[bool, typer.Option("--train/--no-train", help="Fine-tune periodically in the background")] = True,
     train_check: Annotated[float, typer.Option("--train-check", min=1.0, help="Seconds between checks for new material")] = 60.0,
@@ -38,12 +40,14 @@ def serve(
     from rpo_local.upstream import open_upstream
 
     config = load_config()
-    config.profile = profile or config.profile
+    config.profile = config.profile if profile is None else profile
     config.upstream_model = upstream_model or config.upstream_model
     config.rewrite_timeout_s = timeout or config.rewrite_timeout_s
+    config.upstream_timeout_s = upstream_timeout or config.upstream_timeout_s
     srv.check_host(host, allow_remote)
     sock = srv.bind(host, port)  # a busy port fails before the models load
     store = Store.open()
+    store.check_writable()  # every request records its interaction
     store.ensure_profile(config.profile)
     note("loading the reflection model")
     engine = open_engine(config, model=model, adapter=resolve_adapter(store, config.profile))

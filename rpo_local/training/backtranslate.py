@@ -21,7 +21,7 @@ from rpo_local.fsutil import atomic_write_text
 from rpo_local.retrieve import retrieve
 from rpo_local.store import Store, digest
 from rpo_local.training.dataset import (
-    EOT, MIN_TARGET_KEPT, Example, clean_paraphrase, is_rewrite, lamp_generic, make_example,
+    MIN_TARGET_KEPT, Example, clean_paraphrase, is_rewrite, lamp_generic, make_example,
 )
 
 
@@ -34,7 +34,7 @@ def neutralizer_examples(rows: Sequence[dict], template: str) -> list[Example]:
         if not is_rewrite(neutral, user_text):
             continue
         prompt = prompts.render_chat(template, prompts.neutral_paraphrase_messages(user_text))
-        out.append(Example(str(row["id"]), user_text, neutral, [], prompt, neutral + EOT))
+        out.append(Example(str(row["id"]), user_text, neutral, [], prompt, neutral + prompts.end_of_turn(template)))
     return out
 
 
@@ -46,7 +46,7 @@ def paraphrase_batch(
     from rpo_local.training.generate import generate
 
     batch = [prompts.render_chat(template, prompts.neutral_paraphrase_messages(t)) for t in texts]
-    out = generate(model, tok, batch, max_new_tokens=max_new_tokens, batch_size=batch_size,
+    out = generate(model, tok, batch, prompts.end_of_turn(template), max_new_tokens=max_new_tokens, batch_size=batch_size,
                    progress=progress, desc="paraphrase")
     return [clean_paraphrase(o[0], t) for o, t in zip(out, texts, strict=True)]
 
@@ -63,6 +63,7 @@ def _items(row: dict) -> list[str]:
 def augmented_examples(
     rows: Sequence[dict], paraphrases: dict[str, str], store: Store, template: str, *,
     per_user: int, k: int = 4, profile_prefix: str = "lamp-", min_kept: float = MIN_TARGET_KEPT,
+    fmt: str = prompts.DEFAULT_FORMAT,
 ) -> list[Example]:
     """One example per history item y with a paraphrase g (keyed by `digest(y)`): the context is
     retrieved for g from the user's other items. Paraphrases that copy y, or keep too little of
@@ -79,7 +80,7 @@ def augmented_examples(
             key = digest(target)
             hits = retrieve(store, name, generic, k + 1)
             context = [h["text"] for h in hits if digest(h["text"]) != key][:k]
-            examples.append(make_example(template, name, generic, target, context))
+            examples.append(make_example(template, name, generic, target, context, fmt))
     return examples
 
 

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from rpo_local.store import Store
 
 EVAL_USERS = 100  # LaMP users 0-99 are `rpo eval`'s: neither their outputs nor profiles are trained on
-EOT = "<|im_end|>"  # ends the assistant turn in SmolLM2's chat format
 LAMP_INPUT_PREFIX = re.compile(r"^\s*Paraphrase the following tweet without any explanation before or after it:\s*")
 # Pairs where the user's text keeps less than 40% of the generic text's content words are not
 # rewrites of it (the user wrote something else); training on them taught the small model to
@@ -214,11 +213,11 @@ def attainable(target: str, generic: str, items: Sequence[str] = ()) -> str:
     return " ".join(_HANDLE_OR_URL.sub(keep, target).split()) or target.strip()
 
 
-def trajectory(generic: str, target: str, items: Sequence[str]) -> str:
-    """The full assistant turn (starts with ASSISTANT_PREFIX) that teaches rewriting g into y."""
+def trajectory(generic: str, target: str, items: Sequence[str], fmt: str = prompts.DEFAULT_FORMAT) -> str:
+    """The assistant turn in format `fmt` that teaches rewriting g into y."""
     target = attainable(target, generic, items)
     return prompts.format_trajectory(
-        describe_style(items), describe_diff(generic, target), plan_edits(generic, target, items), target
+        describe_style(items), describe_diff(generic, target), plan_edits(generic, target, items), target, fmt
     )
 
 
@@ -230,20 +229,28 @@ class Example:
     generic: str
     target: str
     context: list[str]
-    prompt: str  # the exact text the reflection model continues (ends with ASSISTANT_PREFIX)
+    prompt: str  # the exact text the reflection model continues (ends with the assistant prefix)
     completion: str  # what it should generate after the prompt, end of turn included
+    fmt: str = prompts.DEFAULT_FORMAT  # the trajectory format of prompt and completion
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def make_example(template: str, user: str, generic: str, target: str, context: Sequence[str]) -> Example:
+def make_example(
+    template: str, user: str, generic: str, target: str, context: Sequence[str], fmt: str = prompts.DEFAULT_FORMAT
+) -> Example:
     target_digest = digest(target)
     context = [c for c in context if digest(c) != target_digest]
-    prompt = prompts.reflection_prompt(template, generic, context)
-    full = trajectory(generic, target, context)
+    prompt = prompts.reflection_prompt(template, generic, context, fmt)
+    turn = trajectory(generic, target, context, fmt)
     return Example(user, generic.strip(), target.strip(), list(context), prompt,
-                   full[len(prompts.ASSISTANT_PREFIX):] + EOT)
+                   completion(template, turn, fmt), fmt)
+
+
+def completion(template: str, turn: str, fmt: str) -> str:
+    """A training completion: `turn` after the prefix the prompt ends with, then the end of turn."""
+    return turn[len(prompts.assistant_prefix(fmt)):] + prompts.end_of_turn(template)
 
 
 def lamp_generic(lamp_input: str) -> str:
@@ -279,7 +286,7 @@ def is_rewrite(generic: str, target: str, min_kept: float = MIN_TARGET_KEPT) -> 
 
 def lamp_examples(
     rows: Sequence[dict], store: Store, template: str, *, k: int = 4, profile_prefix: str = "lamp-",
-    min_kept: float = MIN_TARGET_KEPT,
+    min_kept: float = MIN_TARGET_KEPT, fmt: str = prompts.DEFAULT_FORMAT,
 ) -> list[Example]:
     """One example per LaMP user whose gold output is a rewrite of its input (see `is_rewrite`):
     g = its neutral input, y = its gold output, context retrieved from its profile (loaded into
@@ -295,14 +302,14 @@ def lamp_examples(
         generic = lamp_generic(row["input"])
         context = [it["text"] for it in retrieve(store, name, generic, k + 1)
                    if digest(it["text"]) != digest(target)][:k]
-        examples.append(make_example(template, str(row["id"]), generic, target, context))
+        examples.append(make_example(template, str(row["id"]), generic, target, context, fmt))
     return examples
 
 
 def paraphrase(engine: Engine, text: str, *, max_tokens: int = 96) -> str:
     """The base model's neutral paraphrase of `text` (the generic version of a user's text)."""
     prompt = prompts.render_chat(engine.chat_template(), prompts.neutral_paraphrase_messages(text))
-    out = "".join(engine.stream(prompt, max_tokens=max_tokens, stop=[EOT], temperature=0.0))
+    out = "".join(engine.stream(prompt, max_tokens=max_tokens, stop=[], temperature=0.0))
     return clean_paraphrase(out, text)
 
 
@@ -334,6 +341,7 @@ def profile_examples(
     k: int = 4,
     cache: dict[str, str] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    fmt: str = prompts.DEFAULT_FORMAT,
 ) -> list[Example]:
     """Examples for `targets` (items of `profile`): g is the base model's paraphrase (cached by
     digest in `cache`), the context is retrieved from the profile without the target itself."""
@@ -348,7 +356,7 @@ def profile_examples(
         generic = cache[key]
         hits = retrieve(store, profile, generic, k + 1)
         context = [h["text"] for h in hits if h["id"] != item["id"] and digest(h["text"]) != key][:k]
-        examples.append(make_example(template, profile, generic, target, context))
+        examples.append(make_example(template, profile, generic, target, context, fmt))
         if on_progress:
             on_progress(n + 1, len(targets))
     return examples

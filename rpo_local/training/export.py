@@ -2,9 +2,11 @@
 
 The adapter stays separate from the quantized base (merging into Q4_1 and re-quantizing lost
 most of the learned change in a trial). llama.cpp's converter permutes the rows of the Q and
-K projections of llama-type models (rotary embedding layout), and transformers un-permutes
-them when it loads a GGUF; so `lora_b` of q/k must be permuted the same way on export (and
-un-permuted on import) — without it, llama.cpp's logits drift far from torch's.
+K projections of llama-architecture models only (`LlamaModel.modify_tensors`; Qwen2 and
+Gemma 3 keep the Hugging Face layout), and transformers un-permutes them when it loads a llama
+GGUF; so for llama `lora_b` of q/k must be permuted the same way on export (and un-permuted on
+import) — without it, llama.cpp's logits drift far from torch's. The adapter's GGUF
+architecture must be the base's: llama.cpp refuses an adapter of another architecture.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ GGUF_NAMES = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# transformers model_type -> llama.cpp architecture
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3", "gemma3_text": "gemma3"}
+PERMUTED_ARCHS = {"llama"}  # where llama.cpp's converter permutes the Q/K rows
 _MODULE = re.compile(r"layers\.(\d+)\.(self_attn\.\w+|mlp\.\w+)\.lora_([AB])\.(?:default\.)?weight$")
 
 
@@ -42,6 +47,18 @@ def _heads(config: Any, proj: str) -> int:
     return config.num_key_value_heads if proj.endswith("k_proj") else config.num_attention_heads
 
 
+def gguf_arch(config: Any) -> str:
+    """The llama.cpp architecture of a transformers model config."""
+    try:
+        return GGUF_ARCHS[config.model_type]
+    except KeyError:
+        raise ModelError(f"no LoRA export for {config.model_type!r} models; known: {', '.join(GGUF_ARCHS)}") from None
+
+
+def _permuted(config: Any, proj: str) -> bool:
+    return gguf_arch(config) in PERMUTED_ARCHS and proj in ("self_attn.q_proj", "self_attn.k_proj")
+
+
 def lora_tensors(model: Any) -> dict[str, Any]:
     """llama.cpp tensor name -> float32 numpy array, for every LoRA matrix of `model`."""
     config = model.get_base_model().config
@@ -52,7 +69,7 @@ def lora_tensors(model: Any) -> dict[str, Any]:
             continue
         layer, proj, which = match.groups()
         w = param.detach().float().cpu().numpy()
-        if which == "B" and proj in ("self_attn.q_proj", "self_attn.k_proj"):
+        if which == "B" and _permuted(config, proj):
             w = permute_rows(w, _heads(config, proj))
         out[f"blk.{layer}.{GGUF_NAMES[proj]}.weight.lora_{which.lower()}"] = w
     if not out:
@@ -69,7 +86,7 @@ def export_gguf(model: Any, path: Path, *, dtype: str = "f16", meta: dict | None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.writing")
-    writer = GGUFWriter(str(tmp), arch="llama")
+    writer = GGUFWriter(str(tmp), arch=gguf_arch(model.get_base_model().config))
     writer.add_string("general.type", "adapter")
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", float(alpha))
@@ -144,7 +161,7 @@ def load_gguf_lora(model: Any, path: Path) -> None:
             if key not in tensors:
                 continue
             w = tensors[key]
-            if which == "B" and proj in ("self_attn.q_proj", "self_attn.k_proj"):
+            if which == "B" and _permuted(config, proj):
                 w = unpermute_rows(w, _heads(config, proj))
             if tuple(w.shape) != tuple(param.shape):
                 raise ModelError(f"{path}: {key} has shape {w.shape}, the LoRA expects {tuple(param.shape)}")

@@ -11,24 +11,22 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from rpo_local.training.dataset import EOT
-
 
 def generate(
-    model: Any, tok: Any, texts: Sequence[str], *, n: int = 1, temperature: float = 0.0,
+    model: Any, tok: Any, texts: Sequence[str], eot: str, *, n: int = 1, temperature: float = 0.0,
     top_k: int = 40, top_p: float = 0.95, max_new_tokens: int = 64, batch_size: int = 256,
     seed: int | None = None, progress: bool = True, desc: str = "generate",
 ) -> list[list[str]]:
     """`n` continuations of each prompt in `texts` (greedy at temperature 0; else sampled with
-    top-k/top-p like llama.cpp's defaults, from `seed` when given), up to the end of turn,
-    which is left out. `batch_size` counts generated rows (prompts x n)."""
+    top-k/top-p like llama.cpp's defaults, from `seed` when given), up to the end of turn
+    (the token `eot`), which is left out. `batch_size` counts generated rows (prompts x n)."""
     import torch
     from tqdm import tqdm
 
     device = next(model.parameters()).device
     tok.padding_side = "left"  # generation continues every row from its own end
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eot_id = tok.convert_tokens_to_ids(EOT)
+    eot_id = tok.convert_tokens_to_ids(eot)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p} \
         if temperature > 0 else {"do_sample": False}
     encoded = [tok(t, add_special_tokens=False).input_ids for t in texts]

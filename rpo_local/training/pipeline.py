@@ -17,11 +17,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rpo_local import paths
+from rpo_local import paths, prompts
 from rpo_local.adapters import resolve_adapter
 from rpo_local.config import Config, load_config
 from rpo_local.db import now
 from rpo_local.errors import InputError, ModelError, RpoError
+from rpo_local.models import gguf_metadata
+from rpo_local.names import file_stem
 from rpo_local.training import dataset, rl
 from rpo_local.training.rl import RLConfig
 from rpo_local.training.sft import SFTConfig
@@ -96,17 +98,19 @@ class Run:
     def __init__(self, store: Store, profile: str, kind: str = "sft") -> None:
         self.store = store
         self.profile = profile
-        self.id = store.db["train_runs"].insert({
-            "profile_id": store.ensure_profile(profile).id, "kind": kind, "status": "running",
-            "started_at": now(),
-        }).last_pk
+        pid = store.ensure_profile(profile).id
+        with store.writing():
+            self.id = store.db["train_runs"].insert({
+                "profile_id": pid, "kind": kind, "status": "running", "started_at": now(),
+            }).last_pk
 
     def finish(self, outcome: Outcome, error: str | None = None) -> Outcome:
         adapter_id = self.store.get_adapter(outcome.adapter)["id"] if outcome.adapter else None
-        self.store.db["train_runs"].update(self.id, {
-            "status": outcome.status, "finished_at": now(), "adapter_id": adapter_id,
-            "summary": json.dumps(outcome.to_dict(), default=str), "error": error,
-        })
+        with self.store.writing():
+            self.store.db["train_runs"].update(self.id, {
+                "status": outcome.status, "finished_at": now(), "adapter_id": adapter_id,
+                "summary": json.dumps(outcome.to_dict(), default=str), "error": error,
+            })
         outcome.run_id = self.id
         return outcome
 
@@ -128,6 +132,15 @@ def score(engine: Engine, config: Config, adapter: Path | None, examples: list[d
             "n": len(examples)}
 
 
+def training_format(config: Config, current: Path | None) -> str:
+    """The trajectory format a run teaches: the configured one, else (auto) the one of the
+    adapter it continues from, so that what it learned keeps its shape."""
+    if config.trajectory != "auto":
+        return config.trajectory
+    recorded = gguf_metadata(current).get("rpo.trajectory") if current else None
+    return str(recorded) if recorded in prompts.FORMATS else prompts.DEFAULT_FORMAT
+
+
 def _split(items: list, held_share: float = 0.15) -> tuple[list, list]:
     """(train, held-out): the newest texts are held out, as a new reply would be."""
     held = max(2, round(len(items) * held_share))
@@ -135,21 +148,21 @@ def _split(items: list, held_share: float = 0.15) -> tuple[list, list]:
 
 
 def build_profile_data(store: Store, profile: str, engine: Engine, run_dir: Path, k: int,
-                       note: Callable[[str], None]) -> tuple[list, list]:
+                       note: Callable[[str], None], fmt: str) -> tuple[list, list]:
     targets = dataset.profile_targets(store, profile)
     if len(targets) < MIN_ITEMS:
         raise InputError(f"profile {profile!r} has {len(targets)} texts; training needs at least {MIN_ITEMS}")
-    cache_path = run_dir.parent / f"paraphrases-{profile}.json"
+    cache_path = run_dir.parent / f"paraphrases-{file_stem(profile)}.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     note(f"building {len(targets)} examples (the base model paraphrases each text once)")
-    examples = dataset.profile_examples(store, profile, engine, targets, k=k, cache=cache)
+    examples = dataset.profile_examples(store, profile, engine, targets, k=k, cache=cache, fmt=fmt)
     from rpo_local.fsutil import atomic_write_text
 
     atomic_write_text(cache_path, json.dumps(cache))
     return _split(examples)
 
 
-def build_lamp_data(path: Path, users: int, run_dir: Path, template: str, k: int) -> tuple[list, list]:
+def build_lamp_data(path: Path, users: int, run_dir: Path, template: str, k: int, fmt: str) -> tuple[list, list]:
     """Train on LaMP users after the first 100 (the eval users), hold out the last tenth."""
     from rpo_local.store import Store
 
@@ -159,7 +172,7 @@ def build_lamp_data(path: Path, users: int, run_dir: Path, template: str, k: int
     db = run_dir / "retrieval.db"
     db.unlink(missing_ok=True)
     with Store.open(db) as lamp_store:
-        examples = dataset.lamp_examples(rows, lamp_store, template, k=k)
+        examples = dataset.lamp_examples(rows, lamp_store, template, k=k, fmt=fmt)
     if len(examples) < 4:
         raise InputError(f"{path}: {len(examples)} of {len(rows)} users' outputs rewrite their input; "
                          "need at least 4")
@@ -213,16 +226,18 @@ def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_s
     model_path = engine.model_path
     kind = "rl" if rl_cfg else "sft"
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    name = f"{profile}-{kind}-{stamp}"
+    stem = file_stem(profile)  # never the raw name: it must not reach outside runs/ or adapters/
+    name = f"{stem}-{kind}-{stamp}"
     # One working directory per profile, source and stage: an interrupted run's checkpoint is
     # found by the rerun (sft resumes only when data and settings are unchanged).
-    run_dir = paths.ensure_dir(paths.runs_dir() / f"{profile}-{'lamp' if lamp else 'profile'}-{kind}")
+    run_dir = paths.ensure_dir(paths.runs_dir() / f"{stem}-{'lamp' if lamp else 'profile'}-{kind}")
     engine.set_adapter(None)  # paraphrases come from the bare base model
+    current = resolve_adapter(store, profile, model_path)
+    fmt = training_format(config, current if start_from_current else None)
     if lamp is not None:
-        train_ex, held_ex = build_lamp_data(lamp, lamp_users, run_dir, engine.chat_template(), config.k)
+        train_ex, held_ex = build_lamp_data(lamp, lamp_users, run_dir, engine.chat_template(), config.k, fmt)
     else:
-        train_ex, held_ex = build_profile_data(store, profile, engine, run_dir, config.k, note)
-    current = resolve_adapter(store, profile)
+        train_ex, held_ex = build_profile_data(store, profile, engine, run_dir, config.k, note, fmt)
     rollout_figures = None
     if rl_cfg is not None:
         train_ex, rollout_figures = rl_examples(engine, config, current, train_ex, rl_cfg, note)
@@ -247,7 +262,8 @@ def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_s
 
     final = paths.ensure_dir(paths.adapters_dir()) / f"{name}.lora.gguf"
     tmp = final.with_name(f".{final.name}.verify")
-    export.export_gguf(model, tmp, meta={"profile": profile, "run": run_id})
+    export.export_gguf(model, tmp, meta={"profile": profile, "run": run_id, "trajectory": fmt,
+                                         "base_sha256": sha256(model_path)})
     del model
     note("evaluating on held-out texts (current adapter vs the new one)")
     try:

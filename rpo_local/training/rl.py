@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rpo_local import prompts
-from rpo_local.training.dataset import EOT, Example
+from rpo_local.training.dataset import Example, completion
 
 if TYPE_CHECKING:
     from rpo_local.config import Config
@@ -46,7 +46,7 @@ def rouge1_reward(answer: str, target: str) -> float:
 
 @dataclass
 class Sample:
-    completion: str  # the trajectory as a training completion (after ASSISTANT_PREFIX, EOT included)
+    completion: str  # the trajectory as a training completion (after the prefix, end of turn included)
     answer: str
     reward: float
     fallback: bool
@@ -86,14 +86,15 @@ def rollouts(
     from rpo_local.reflect import Reflector
 
     reflectors = [Reflector(None, engine, sample_config(config, temperature, config.seed + i)) for i in range(n)]
+    template = engine.chat_template()
     out = []
     for done, ex in enumerate(examples, start=1):
         roll = Rollout(ex, reward(ex.generic, ex.target))
         for reflector in reflectors:
-            chunk = reflector.rewrite_with_items(ex.generic, ex.context)
+            chunk = reflector.rewrite_with_items(ex.generic, ex.context, fmt=ex.fmt)
             t = chunk.trajectory
-            completion = prompts.format_trajectory(t["style"], t["diff"], t["edits"], chunk.output)
-            roll.samples.append(Sample(completion[len(prompts.ASSISTANT_PREFIX):] + EOT, chunk.output,
+            turn = prompts.format_trajectory(t["style"], t["diff"], t["edits"], chunk.output, ex.fmt)
+            roll.samples.append(Sample(completion(template, turn, ex.fmt), chunk.output,
                                        reward(chunk.output, ex.target), chunk.fallback))
         out.append(roll)
         if on_progress:
@@ -105,6 +106,7 @@ def torch_rollouts(
     model: Any,
     tok: Any,
     examples: Sequence[Example],
+    template: str,
     *,
     n: int = 4,
     temperature: float = 0.8,
@@ -128,25 +130,25 @@ def torch_rollouts(
         if deadline is not None and time.monotonic() > deadline:
             break
         part = examples[start:start + chunk]
-        texts = generate(model, tok, [ex.prompt for ex in part], n=n, temperature=temperature,
+        texts = generate(model, tok, [ex.prompt for ex in part], prompts.end_of_turn(template), n=n, temperature=temperature,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed + start,
                          progress=progress, desc=f"rollouts {start + len(part)}/{len(examples)}")
         for ex, raws in zip(part, texts, strict=True):
             baseline = reward(ex.generic, ex.target)
-            out.append(Rollout(ex, baseline, [_sample(ex, raw, min_kept, reward, baseline) for raw in raws]))
+            out.append(Rollout(ex, baseline, [_sample(ex, raw, template, min_kept, reward, baseline)
+                                              for raw in raws]))
     return out
 
 
-def _sample(ex: Example, raw: str, min_kept: float, reward: Reward, baseline: float) -> Sample:
+def _sample(ex: Example, raw: str, template: str, min_kept: float, reward: Reward, baseline: float) -> Sample:
     """A generated trajectory as a Sample; what the gate refuses falls back to the generic text."""
     from rpo_local.reflect import keeps_content
 
-    traj = prompts.parse_trajectory(prompts.ASSISTANT_PREFIX + raw)
+    traj = prompts.parse_trajectory(prompts.assistant_prefix(ex.fmt) + raw)
     if traj.answer is None or not keeps_content(traj.answer, ex.generic, min_kept):
-        return Sample(raw + EOT, ex.generic, baseline, True)
-    completion = prompts.format_trajectory(traj.style, traj.diff, traj.edits, traj.answer)
-    return Sample(completion[len(prompts.ASSISTANT_PREFIX):] + EOT, traj.answer,
-                  reward(traj.answer, ex.target), False)
+        return Sample(raw + prompts.end_of_turn(template), ex.generic, baseline, True)
+    turn = prompts.format_trajectory(traj.style, traj.diff, traj.edits, traj.answer, ex.fmt)
+    return Sample(completion(template, turn, ex.fmt), traj.answer, reward(traj.answer, ex.target), False)
 
 
 def select(rolls: Sequence[Rollout], margin: float = 0.05) -> list[Example]:

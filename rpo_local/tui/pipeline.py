@@ -83,13 +83,13 @@ class ChatPipeline:
 
     def adapter_name(self) -> str:
         """The adapter the profile uses, as shown in the header."""
-        from rpo_local.adapters import BUILTIN_NAME, builtin_adapter_path, resolve_adapter
+        from rpo_local.adapters import builtin_name, resolve_adapter
 
         path = resolve_adapter(self.store, self.profile)
         if path is None:
             return "none"
-        if path == builtin_adapter_path():
-            return BUILTIN_NAME
+        if builtin := builtin_name(path):
+            return builtin
         active = self.store.active_adapter(self.profile)
         return active["name"] if active else Path(path).name
 
