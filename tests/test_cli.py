@@ -181,3 +181,24 @@ def test_a_share_outside_0_to_1_is_refused_and_the_file_kept(cli, rpo_home, monk
     assert json.loads(cli("config", "show", "--json").stdout)["min_content_kept"] == 0.6
     monkeypatch.setenv("RPO_MIN_CONTENT_KEPT", "-1")
     assert cli("config", "show", "--json").code == 9
+
+
+def test_reads_never_create_a_profile(cli, store, tmp_path):
+    """`doctor -p typo` reports the profile as not there (and is not a failure), and listing
+    adapters works on a fresh install: adapters are not per profile."""
+    r = cli("doctor", "-p", "typo", "--json")
+    assert r.code == 0, r
+    doc = json.loads(r.stdout)
+    assert doc["profile_exists"] is False and doc["problems"] == [] and doc["auto_training"] is None
+    assert "not created" in cli("doctor", "-p", "typo").stdout
+    r = cli("adapters", "list", "--json")
+    assert r.code == 0, r
+    doc = json.loads(r.stdout)
+    assert doc["profile"] == "default" and doc["active"] == "builtin-lamp7"
+    assert [e["name"] for e in doc["adapters"] if e["active"]] == ["builtin-lamp7"]
+    store.register_adapter("general", tmp_path / "general.lora.gguf")
+    store.register_adapter("bobs", tmp_path / "bobs.lora.gguf", profile="bob")
+    names = [e["name"] for e in json.loads(cli("adapters", "list", "-p", "typo", "--json").stdout)["adapters"]]
+    assert names == ["builtin-lamp7", "general"], "general adapters, not another profile's"
+    assert cli("train", "runs", "-p", "typo").code == 5 and cli("log", "-p", "typo").code == 5
+    assert [p["name"] for p in store.list_profiles()] == ["bob"]
