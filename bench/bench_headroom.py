@@ -30,7 +30,8 @@ from pathlib import Path
 from rpo_local.config import Config
 from rpo_local.evaluate import rouge
 from rpo_local.reflect import keeps_content
-from rpo_local.training.dataset import EVAL_USERS, lamp_generic, read_lamp, word_set
+from rpo_local.text import word_set
+from rpo_local.training.dataset import EVAL_USERS, lamp_generic, read_lamp
 
 ROOT = Path(__file__).resolve().parents[1]
 FLUENT = frozenset(

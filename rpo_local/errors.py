@@ -68,4 +68,16 @@ class AdapterMismatch(RpoError):
     exit_code = 11
 
 
+class MissingExtra(RpoError):
+    """A verb needs an optional part of rpo-local that is not installed (e.g. `[train]`)."""
+
+    exit_code = 12
+
+
+class TrainingBusy(RpoError):
+    """Another process is training the same profile (one run per profile at a time)."""
+
+    exit_code = 13
+
+
 EXIT_INTERRUPTED = 130

@@ -493,8 +493,7 @@ class _Runner:
         from rpo_local.store import Store
 
         try:
-            with Store.open(path) as store:
-                store.db.execute("PRAGMA synchronous = OFF")
+            with Store.open(path, durable=False) as store:
                 yield store
         finally:
             for suffix in ("", "-wal", "-shm"):

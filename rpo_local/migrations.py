@@ -126,7 +126,7 @@ def _0004_train_runs(db: sqlite_utils.Database) -> None:
             "id": int,
             "profile_id": int,
             "kind": str,  # sft | rl
-            "status": str,  # running | succeeded | failed | rejected
+            "status": str,  # running | activated | rejected | failed
             "started_at": str,
             "finished_at": str,
             "adapter_id": int,
@@ -149,10 +149,28 @@ def _0005_models(db: sqlite_utils.Database) -> None:
     db["models"].create_index(["name"], unique=True)
 
 
+def _0006_train_run_marks(db: sqlite_utils.Database) -> None:
+    # The newest item and feedback ids a run trained on: what counts as new material is what
+    # came after (rpo_local.training.due). Earlier runs get what the old rule counted as
+    # covered: everything dated up to their start.
+    db["train_runs"].add_column("item_mark", int)
+    db["train_runs"].add_column("feedback_mark", int)
+    db.execute(
+        "update train_runs set "
+        "item_mark = (select coalesce(max(i.id), 0) from items i where i.profile_id = train_runs.profile_id "
+        "and i.created_at <= train_runs.started_at), "
+        "feedback_mark = (select coalesce(max(f.id), 0) from feedback f join interactions x "
+        "on x.id = f.interaction_id where x.profile_id = train_runs.profile_id "
+        "and f.created_at <= train_runs.started_at) "
+        "where status in ('activated', 'rejected')"
+    )
+
+
 MIGRATIONS: list[Migration] = [
     ("0001_history", _0001_history),
     ("0002_adapters", _0002_adapters),
     ("0003_conversations", _0003_conversations),
     ("0004_train_runs", _0004_train_runs),
     ("0005_models", _0005_models),
+    ("0006_train_run_marks", _0006_train_run_marks),
 ]

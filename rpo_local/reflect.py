@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from rpo_local import prompts, segment
 from rpo_local.config import Config, load_config
 from rpo_local.engine import Completion
-from rpo_local.retrieve import content_kept, retrieve
+from rpo_local.retrieve import retrieve
+from rpo_local.text import content_kept
 
 if TYPE_CHECKING:
     from rpo_local.engine import Engine

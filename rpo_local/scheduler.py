@@ -1,26 +1,27 @@
 """Periodic local fine-tuning inside the daemon.
 
-When a profile has gathered enough new material since its last training run (new history
-items, which include accepted and edited rewrites, plus rejected rewrites), and the minimum
-interval has passed, the scheduler starts `rpo train auto` as a separate, low-priority
-process, so serving never waits for training. When that run reports `"activated"`, the
-daemon switches the reflection engine to the profile's new adapter between requests.
+When a profile is due (`rpo_local.training.due`, the rule `rpo train auto` applies too: enough
+new material since its last run, and the interval passed), the scheduler starts `rpo train
+auto` as a separate, low-priority process, so serving never waits for training. When that run
+reports `"activated"`, the daemon switches the reflection engine to the profile's new adapter
+between requests.
 
-Watermarks (the newest item/feedback ids already trained on) and the last run of each profile
-are kept in `scheduler.json` beside the database, so a restart neither retrains on old
-material nor forgets when the last run was.
+What a run covered and when it started are the database's (`train_runs`), so a restart
+neither retrains on old material nor forgets when the last run was; `scheduler.json` beside
+the database keeps the report and log file of the scheduler's own last run per profile.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from rpo_local.config import Config
 from rpo_local.db import now
 from rpo_local.fsutil import atomic_write_text
 from rpo_local.names import file_stem
+from rpo_local.training.due import training_due
 
 if TYPE_CHECKING:
     from rpo_local.store import Store
@@ -37,6 +39,7 @@ STATE_FILE = "scheduler.json"
 NICE = 10
 Switch = Callable[[str], None]
 CommandFactory = Callable[[str], Sequence[str]]
+log = logging.getLogger(__name__)
 
 
 def train_command(profile: str) -> list[str]:
@@ -76,16 +79,6 @@ def parse_report(stdout: str) -> dict | None:
             if isinstance(data, dict) and not text[end:].strip():
                 return data
     return None
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        stamp = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
 
 def background_threads() -> int:
@@ -169,8 +162,8 @@ class TrainScheduler:
         while not self._stop.is_set():
             try:
                 self.tick()
-            except Exception as exc:  # a scheduler bug must never take the daemon down
-                print(f"rpo: training scheduler: {exc!r}", file=sys.stderr, flush=True)
+            except Exception:  # a scheduler bug must never take the daemon down, nor go unseen
+                log.exception("training scheduler failed; it keeps watching")
             self._wake.wait(1.0 if self._proc is not None else self.check_s)
             self._wake.clear()
 
@@ -193,15 +186,13 @@ class TrainScheduler:
                 return
 
     def _due(self, profile: str) -> bool:
-        info = self.profile_status(profile)
-        return info["new_material"] >= info["needed"] and info["interval_ok"]
+        return training_due(self.store, profile, self.config).due
 
     def _launch(self, profile: str) -> None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         base = self.log_dir / f"auto-{file_stem(profile)}-{stamp}"
         out_path, log_path = base.with_suffix(".json"), base.with_suffix(".log")
-        marks = self._current_marks(profile)
         cmd, extra = low_priority(self.command(profile))
         started = now()
         try:
@@ -212,17 +203,18 @@ class TrainScheduler:
                     cmd, stdout=out, stderr=log, stdin=subprocess.DEVNULL,
                     start_new_session=os.name == "posix", **extra,
                 )
-        except OSError as exc:  # recorded as a failed run, so the interval applies before a retry
+        except OSError as exc:
+            reason = f"cannot start {cmd[0]}: {exc.strerror or exc}"
+            self._record_failure(profile, started, reason)
             self.state["profiles"].setdefault(profile, {})["last_run"] = {
                 "started_at": started, "finished_at": now(), "status": "failed", "adapter": None,
-                "reason": f"cannot start {cmd[0]}: {exc.strerror or exc}", "figures": {}, "returncode": None,
-                "log": None,
+                "reason": reason, "figures": {}, "returncode": None, "log": None,
             }
             self._save()
             return
         self._running = {
             "profile": profile, "started_at": started, "pid": self._proc.pid,
-            "stdout": str(out_path), "log": str(log_path), "marks": marks,
+            "stdout": str(out_path), "log": str(log_path),
         }
         print(f"rpo: training run started for profile {profile!r} (pid {self._proc.pid}, log {log_path})",
               file=sys.stderr, flush=True)
@@ -243,75 +235,37 @@ class TrainScheduler:
             "returncode": proc.returncode, "log": run["log"],
         }
         profile = run["profile"]
+        if status == "failed":
+            self._record_failure(profile, run["started_at"], reason or "failed")
         with self._lock:
-            entry = self.state["profiles"].setdefault(profile, {})
-            entry["last_run"] = last
-            if status in ("activated", "rejected"):  # else the material stays for the next attempt
-                entry["marks"] = run["marks"]
+            self.state["profiles"].setdefault(profile, {})["last_run"] = last
             self._save()
-        print(f"rpo: training run for {profile!r}: {status} ({reason or 'ok'})", file=sys.stderr, flush=True)
+        detail = f"; its log: {run['log']}" if status == "failed" else ""
+        print(f"rpo: training run for {profile!r}: {status} ({reason or 'ok'}){detail}", file=sys.stderr, flush=True)
         if status == "activated" and self.switch is not None:
             self.switch(profile)
 
     # -- material and timing --------------------------------------------------------------------
 
-    def _current_marks(self, profile: str) -> dict[str, int]:
-        pid = self.store.get_profile(profile).id
-        item = self.store.db.execute("select coalesce(max(id), 0) from items where profile_id = ?", [pid]).fetchone()[0]
-        fb = self.store.db.execute(
-            "select coalesce(max(f.id), 0) from feedback f join interactions x on x.id = f.interaction_id "
-            "where x.profile_id = ?", [pid],
-        ).fetchone()[0]
-        return {"item_id": item, "feedback_id": fb}
-
-    def _marks(self, profile: str) -> dict[str, int]:
-        """What the last run already covered. A profile never seen: everything counts, unless
-        it already has its own adapter, whose material is unknown: then count from now on."""
-        with self._lock:
-            entry = self.state["profiles"].get(profile)
-            if entry and "marks" in entry:
-                return entry["marks"]
-            adapter = self.store.active_adapter(profile)
-            own = adapter is not None and adapter.get("profile_id") is not None
-            marks = self._current_marks(profile) if own else {"item_id": 0, "feedback_id": 0}
-            self.state["profiles"].setdefault(profile, {})["marks"] = marks
-            self._save()
-            return marks
-
-    def new_material(self, profile: str) -> int:
-        pid = self.store.get_profile(profile).id
-        marks = self._marks(profile)
-        items = self.store.db.execute(
-            "select count(*) from items where profile_id = ? and id > ?", [pid, marks["item_id"]]
-        ).fetchone()[0]
-        rejected = self.store.db.execute(
-            "select count(*) from feedback f join interactions x on x.id = f.interaction_id "
-            "where x.profile_id = ? and f.id > ? and f.verdict = 'rejected'", [pid, marks["feedback_id"]],
-        ).fetchone()[0]
-        return items + rejected
-
-    def last_started(self, profile: str) -> datetime | None:
-        """The newest run start: the scheduler's own, or any `rpo train` run (cron included)."""
-        entry = self.state["profiles"].get(profile) or {}
-        ours = _parse_time((entry.get("last_run") or {}).get("started_at"))
-        row = self.store.db.execute(
-            "select max(r.started_at) from train_runs r join profiles p on p.id = r.profile_id "
-            "where p.name = ?", [profile],
-        ).fetchone()
-        theirs = _parse_time(row[0] if row else None)
-        return max((t for t in (ours, theirs) if t is not None), default=None)
+    def _record_failure(self, profile: str, started: str, reason: str) -> None:
+        """A run that failed before recording itself (it could not start, or died first) becomes
+        a failed train_runs row, so the interval applies before the next attempt."""
+        runs = self.store.list_train_runs(profile, limit=1)
+        if runs and runs[0]["started_at"] >= started:
+            return  # the run recorded itself
+        run_id = self.store.start_train_run(profile, "sft")
+        self.store.finish_train_run(run_id, "failed", error=reason)
 
     def profile_status(self, profile: str) -> dict:
-        interval = timedelta(hours=self.config.train_interval_hours)
-        last = self.last_started(profile)
-        earliest = last + interval if last else None
-        new = self.new_material(profile)
+        due = training_due(self.store, profile, self.config)
         entry = self.state["profiles"].get(profile) or {}
         return {
-            "new_material": new,
-            "needed": self.config.train_min_new_items,
-            "interval_ok": earliest is None or datetime.now(timezone.utc) >= earliest,
-            "next_run_earliest": earliest.isoformat() if earliest else None,
+            "due": due.due,
+            "reason": due.reason,
+            "new_material": due.new_material,
+            "needed": due.needed,
+            "interval_ok": due.interval_ok,
+            "next_run_earliest": due.next_run_earliest.isoformat() if due.next_run_earliest else None,
             "last_run": entry.get("last_run"),
         }
 

@@ -250,8 +250,8 @@ class Daemon:
         if builtin := builtin_name(path):
             return builtin
         with self.db_lock:
-            row = list(self.store.db.query("select name from adapters where path = ? order by id desc limit 1", [str(path)]))
-        return row[0]["name"] if row else Path(path).name
+            row = self.store.adapter_by_path(path)
+        return row["name"] if row else Path(path).name
 
     # -- personalization ------------------------------------------------------------------------
 

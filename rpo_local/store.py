@@ -23,9 +23,12 @@ from rpo_local import paths
 from rpo_local.db import connect, is_read_only, now, read_only_error
 from rpo_local.errors import InputError, NotFound, ProfileNotFound
 from rpo_local.names import check_profile
+from rpo_local.text import fts_phrase_query
 
 KINDS = ("chat", "email", "tweet", "note", "post", "message", "review", "edit", "other")
 VERDICTS = ("accepted", "edited", "rejected")
+RUN_STATUSES = ("running", "activated", "rejected", "failed")
+FINISHED = ("activated", "rejected")  # runs that trained on the material they found
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,12 @@ class Store:
     connection is not safe to share); writes also take an in-process lock.
 
     A database this process cannot write is opened read-only: reading works, and every write
-    raises ReadOnlyDatabase before touching anything."""
+    raises ReadOnlyDatabase before touching anything. `durable=False` turns off syncing to
+    disk (a throw-away database that is deleted right after use)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, durable: bool = True) -> None:
         self.path = Path(path)
+        self.durable = durable
         self.read_only = is_read_only(self.path)
         self._lock = threading.RLock()
         self._local = threading.local()
@@ -54,14 +59,16 @@ class Store:
         _ = self.db  # open and migrate now, so a bad database fails here
 
     @classmethod
-    def open(cls, path: Path | str | None = None) -> Store:
-        return cls(Path(path) if path is not None else paths.db_path())
+    def open(cls, path: Path | str | None = None, *, durable: bool = True) -> Store:
+        return cls(Path(path) if path is not None else paths.db_path(), durable=durable)
 
     @property
     def db(self) -> sqlite_utils.Database:
         db = getattr(self._local, "db", None)
         if db is None:
             db = self._local.db = connect(self.path, read_only=self.read_only)
+            if not self.durable:
+                db.execute("PRAGMA synchronous = OFF")
             with self._lock:
                 self._connections.append(db)
         return db
@@ -123,6 +130,9 @@ class Store:
             with self.writing():
                 pid = self.db["profiles"].insert({"name": name, "created_at": now()}).last_pk
             return Profile(pid, name)
+
+    def has_profile(self, name: str) -> bool:
+        return self._one("select id from profiles where name = ?", [name]) is not None
 
     def get_profile(self, name: str) -> Profile:
         row = self._one("select id, name from profiles where name = ?", [name])
@@ -242,8 +252,6 @@ class Store:
 
     def search_items(self, profile: str, query: str, *, limit: int = 20) -> list[dict]:
         """Full-text search as a person types it: every word must match (prefix allowed)."""
-        from rpo_local.retrieve import fts_phrase_query
-
         fts = fts_phrase_query(query)
         if not fts:
             return []
@@ -255,6 +263,31 @@ class Store:
                 "where items_fts match ? and items.profile_id = ? order by score, items.id desc "
                 "limit ?",
                 [fts, pid, limit],
+            )
+        )
+
+    def bm25_items(self, profile_id: int, fts_query: str, limit: int) -> list[dict]:
+        """Items matching the FTS5 `fts_query`, best BM25 score first, then the newest."""
+        return list(
+            self.db.query(
+                "select items.id, items.text, items.kind, items.created_at, bm25(items_fts) as score "
+                "from items_fts join items on items.id = items_fts.rowid "
+                "where items_fts match ? and items.profile_id = ? "
+                "order by score, items.created_at desc, items.id desc limit ?",
+                [fts_query, profile_id, limit],
+            )
+        )
+
+    def recent_items(self, profile_id: int, limit: int, *, exclude: Iterable[int] = ()) -> list[dict]:
+        """The newest items of a profile, leaving out the ids in `exclude` (score None)."""
+        have = list(exclude) or [-1]
+        marks = ",".join("?" * len(have))
+        return list(
+            self.db.query(
+                "select id, text, kind, created_at, null as score from items "
+                f"where profile_id = ? and id not in ({marks}) "
+                "order by created_at desc, id desc limit ?",
+                [profile_id, *have, limit],
             )
         )
 
@@ -375,14 +408,21 @@ class Store:
             raise NotFound(f"no adapter {ref!r}; see `rpo adapters list`")
         return _decode_adapter(row)
 
+    def adapter_by_path(self, path: str | Path) -> dict | None:
+        """The newest registered adapter whose file is `path` (None: not registered)."""
+        row = self._one("select * from adapters where path = ? order by id desc limit 1", [str(path)])
+        return _decode_adapter(row) if row else None
+
     def list_adapters(self, profile: str | None = None) -> list[dict]:
+        """Every adapter, or those `profile` can use: the general ones and its own (a profile
+        that does not exist yet has only the general ones; reading creates nothing)."""
         if profile is None:
             rows = self.db.query("select * from adapters order by id")
         else:
-            pid = self.get_profile(profile).id
             rows = self.db.query(
-                "select * from adapters where profile_id is null or profile_id = ? order by id",
-                [pid],
+                "select a.* from adapters a left join profiles p on p.id = a.profile_id "
+                "where a.profile_id is null or p.name = ? order by a.id",
+                [profile],
             )
         return [_decode_adapter(r) for r in rows]
 
@@ -434,6 +474,79 @@ class Store:
             self.db.execute("delete from adapter_activations where adapter_id = ?", [adapter["id"]])
             self.db.execute("delete from adapters where id = ?", [adapter["id"]])
         return adapter
+
+    # -- training runs and the material they covered -----------------------------------------
+
+    def material_marks(self, profile: str) -> dict[str, int]:
+        """The newest item and feedback ids of `profile`: what a run starting now covers."""
+        pid = self.get_profile(profile).id
+        item = self.db.execute("select coalesce(max(id), 0) from items where profile_id = ?", [pid]).fetchone()[0]
+        fb = self.db.execute(
+            "select coalesce(max(f.id), 0) from feedback f join interactions x on x.id = f.interaction_id "
+            "where x.profile_id = ?",
+            [pid],
+        ).fetchone()[0]
+        return {"item_id": item, "feedback_id": fb}
+
+    def new_material(self, profile: str, marks: dict[str, int] | None) -> int:
+        """Items and rejected rewrites of `profile` newer than `marks` (None: all of them).
+        Accepted and edited rewrites are counted as the history items they became."""
+        pid = self.get_profile(profile).id
+        item_mark, fb_mark = (marks["item_id"], marks["feedback_id"]) if marks else (0, 0)
+        items = self.db.execute(
+            "select count(*) from items where profile_id = ? and id > ?", [pid, item_mark]
+        ).fetchone()[0]
+        rejected = self.db.execute(
+            "select count(*) from feedback f join interactions x on x.id = f.interaction_id "
+            "where x.profile_id = ? and f.id > ? and f.verdict = 'rejected'",
+            [pid, fb_mark],
+        ).fetchone()[0]
+        return items + rejected
+
+    def start_train_run(self, profile: str, kind: str, marks: dict[str, int] | None = None) -> int:
+        """Record a run as running; `marks` (see material_marks) is the material it trains on
+        (None: not the profile's own, e.g. LaMP users)."""
+        pid = self.ensure_profile(profile).id
+        marks = marks or {}
+        with self.writing():
+            return self.db["train_runs"].insert({
+                "profile_id": pid, "kind": kind, "status": "running", "started_at": now(),
+                "item_mark": marks.get("item_id"), "feedback_mark": marks.get("feedback_id"),
+            }).last_pk
+
+    def finish_train_run(self, run_id: int, status: str, *, adapter_id: int | None = None,
+                         summary: dict | None = None, error: str | None = None) -> None:
+        if status not in RUN_STATUSES[1:]:
+            raise InputError(f"a finished run's status is one of {', '.join(RUN_STATUSES[1:])}, not {status!r}")
+        with self.writing():
+            self.db["train_runs"].update(run_id, {
+                "status": status, "finished_at": now(), "adapter_id": adapter_id,
+                "summary": json.dumps(summary, default=str) if summary is not None else None, "error": error,
+            })
+
+    def list_train_runs(self, profile: str, *, limit: int = -1) -> list[dict]:
+        """A profile's runs, newest first ([] for a profile that does not exist)."""
+        rows = list(
+            self.db.query(
+                "select r.id, r.kind, r.status, r.started_at, r.finished_at, r.adapter_id, r.summary, r.error, "
+                "r.item_mark, r.feedback_mark from train_runs r join profiles p on p.id = r.profile_id "
+                "where p.name = ? order by r.id desc limit ?",
+                [profile, limit],
+            )
+        )
+        for row in rows:
+            row["summary"] = json.loads(row["summary"]) if row["summary"] else None
+        return rows
+
+    def last_covered_marks(self, profile: str) -> dict[str, int] | None:
+        """The material marks of the newest finished run on the profile's own texts."""
+        row = self._one(
+            "select r.item_mark, r.feedback_mark from train_runs r join profiles p on p.id = r.profile_id "
+            f"where p.name = ? and r.status in ({','.join('?' * len(FINISHED))}) and r.item_mark is not null "
+            "order by r.id desc limit 1",
+            [profile, *FINISHED],
+        )
+        return {"item_id": row["item_mark"], "feedback_id": row["feedback_mark"] or 0} if row else None
 
     # -- models -------------------------------------------------------------------------------
 

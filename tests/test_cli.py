@@ -4,6 +4,7 @@ each kind of bad input has its own exit code."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -182,3 +183,43 @@ def test_a_share_outside_0_to_1_is_refused_and_the_file_kept(cli, rpo_home, monk
     assert json.loads(cli("config", "show", "--json").stdout)["min_content_kept"] == 0.6
     monkeypatch.setenv("RPO_MIN_CONTENT_KEPT", "-1")
     assert cli("config", "show", "--json").code == 9
+
+
+def test_reads_never_create_a_profile(cli, store, tmp_path):
+    """`doctor -p typo` reports the profile as not there (and is not a failure), and listing
+    adapters works on a fresh install: adapters are not per profile."""
+    r = cli("doctor", "-p", "typo", "--json")
+    assert r.code == 0, r
+    doc = json.loads(r.stdout)
+    assert doc["profile_exists"] is False and doc["problems"] == [] and doc["auto_training"] is None
+    assert "not created" in cli("doctor", "-p", "typo").stdout
+    r = cli("adapters", "list", "--json")
+    assert r.code == 0, r
+    doc = json.loads(r.stdout)
+    assert doc["profile"] == "default" and doc["active"] == "builtin-lamp7"
+    assert [e["name"] for e in doc["adapters"] if e["active"]] == ["builtin-lamp7"]
+    store.register_adapter("general", tmp_path / "general.lora.gguf")
+    store.register_adapter("bobs", tmp_path / "bobs.lora.gguf", profile="bob")
+    names = [e["name"] for e in json.loads(cli("adapters", "list", "-p", "typo", "--json").stdout)["adapters"]]
+    assert names == ["builtin-lamp7", "general"], "general adapters, not another profile's"
+    assert cli("train", "runs", "-p", "typo").code == 5 and cli("log", "-p", "typo").code == 5
+    assert [p["name"] for p in store.list_profiles()] == ["bob"]
+
+
+@pytest.mark.parametrize(("args", "module", "extra"), [
+    (("eval", "--methods", "copy"), "rouge_score", "eval"),
+    (("eval", "--methods", "copy", "--plot", "x.png"), "matplotlib", "eval"),
+    (("train", "sft", "--profile", "ann"), "torch", "train"),
+    (("train", "auto", "--profile", "ann", "--json"), "peft", "train"),
+    (("train", "rl", "--profile", "ann"), "filelock", "train"),
+])
+def test_a_missing_extra_is_named_with_its_own_exit_code(ann, monkeypatch, tmp_path, args, module, extra):
+    """The runtime-only install (no [eval], no [train]): a clear message, exit 12, no traceback."""
+    data = tmp_path / "dev.jsonl"  # a valid LaMP-7 file: without the check, `copy` would run
+    task = "Paraphrase the following tweet without any explanation before or after it: "
+    data.write_text(json.dumps({"id": "u1", "input": task + "A Day At The Beach.", "output": "beach day!!",
+                                "profile": [{"text": "rainy again ugh"}]}) + "\n")
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: `import` fails, find_spec finds none
+    r = ann(*args[:1], *([str(data)] if args[0] == "eval" else []), *args[1:])
+    assert r.code == 12 and r.stdout == "", r
+    assert f"pip install 'rpo-local[{extra}]'" in r.stderr and module in r.stderr and "Traceback" not in r.stderr

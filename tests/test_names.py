@@ -90,9 +90,9 @@ def test_an_escaping_name_logs_inside_the_runs_folder(store, rpo_home, tmp_path)
     from rpo_local.scheduler import TrainScheduler
 
     legacy_profile(store, ESCAPE)
-    store.add_items(ESCAPE, [{"text": t} for t in ("one", "two", "three")])
+    store.add_items(ESCAPE, [{"text": f"text {i}"} for i in range(8)])
     config = load_config()
-    config.train_min_new_items = 3
+    config.train_min_new_items = 8
     sched = TrainScheduler(store, config, command=lambda p: [sys.executable, "-c", "print('{}')"])
     sched.tick()
     deadline = time.monotonic() + 30

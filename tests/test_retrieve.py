@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from rpo_local.retrieve import content_words, fts_or_query, retrieve
+from rpo_local.retrieve import retrieve
+from rpo_local.text import content_words, fts_or_query
 
 
 def test_content_words_drop_stopwords_and_duplicates():
@@ -45,3 +46,26 @@ def test_k_zero_and_punctuation_only_query(store):
     store.add_item("ann", "hello")
     assert retrieve(store, "ann", "hello", k=0) == []
     assert [h["text"] for h in retrieve(store, "ann", '"*) OR NEAR(', k=2)] == ["hello"]
+
+
+def test_one_leaf_module_defines_words():
+    """The store needs no retrieval code (no import cycle), and no module keeps its own word regex."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import rpo_local
+    from rpo_local import text
+
+    tree = ast.parse(Path(text.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m.startswith("rpo_local")], "text.py is a leaf"
+    probe = "import sys, rpo_local.store; print(sorted(m for m in sys.modules if m == 'rpo_local.retrieve'))"
+    package = Path(rpo_local.__file__).parent
+    env = {**os.environ, "PYTHONPATH": str(package.parent)}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "[]"
+    copies = [p.name for p in package.rglob("*.py") if p != Path(text.__file__) and text.WORD.pattern in p.read_text()]
+    assert copies == []

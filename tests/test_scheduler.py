@@ -19,6 +19,7 @@ from rpo_local.server import BackgroundServer, Daemon, create_app
 from rpo_local.store import Store
 from rpo_local.upstream import OpenAIUpstream
 
+# Records its run in train_runs as the real pipeline does (Store API), without the model.
 FAKE_TRAIN = '''
 import json, os, sys, time
 from rpo_local.store import Store
@@ -28,17 +29,21 @@ print("training...", file=sys.stderr)
 if mode == "fail":
     sys.exit(2)
 figures = {"nice": os.nice(0) if hasattr(os, "nice") else None}
-adapter = None
-if mode == "activate":
-    with Store.open() as store:
+adapter, adapter_id = None, None
+with Store.open() as store:
+    run = store.start_train_run(profile, "sft", store.material_marks(profile))
+    if mode == "activate":
         n = len(store.list_adapters())
         adapter = f"{profile}-auto-{n + 1}"
         path = os.environ.get("FAKE_TRAIN_ADAPTER") or os.path.join(os.environ["RPO_HOME"], adapter + ".lora.gguf")
         if not os.path.exists(path):
             open(path, "wb").close()
-        store.set_active_adapter(profile, store.register_adapter(adapter, path, profile=profile))
-print(json.dumps({"status": "activated" if mode == "activate" else "rejected", "adapter": adapter,
-                  "reason": "better on held-out items", "figures": figures}, indent=2))
+        adapter_id = store.register_adapter(adapter, path, profile=profile)
+        store.set_active_adapter(profile, adapter_id)
+    status = "activated" if mode == "activate" else "rejected"
+    store.finish_train_run(run, status, adapter_id=adapter_id)
+print(json.dumps({"status": status, "adapter": adapter, "reason": "better on held-out items", "figures": figures},
+                 indent=2))
 '''
 
 
@@ -50,7 +55,7 @@ def fake_train(tmp_path, monkeypatch):
     return lambda profile: [sys.executable, str(script), profile]
 
 
-def make(store: Store, command, *, min_items: int = 3, hours: float = 24.0, **kw) -> TrainScheduler:
+def make(store: Store, command, *, min_items: int = 8, hours: float = 24.0, **kw) -> TrainScheduler:
     config = load_config()
     config.train_min_new_items, config.train_interval_hours = min_items, hours
     return TrainScheduler(store, config, command=command, **kw)
@@ -73,12 +78,12 @@ def test_parse_report():
 def test_runs_when_enough_material_then_respects_the_interval(store, fake_train):
     switched: list[str] = []
     sched = make(store, fake_train, switch=switched.append)
-    store.add_items("alice", [{"text": "first"}, {"text": "second"}])
+    store.add_items("alice", [{"text": f"text {i}"} for i in range(7)])
     sched.tick()
-    assert sched._proc is None and sched.status()["profiles"]["alice"]["new_material"] == 2
-    store.add_item("alice", "third")
+    assert sched._proc is None and sched.status()["profiles"]["alice"]["new_material"] == 7
+    store.add_item("alice", "the eighth")
     sched.tick()
-    assert sched._proc is not None, "3 new items reach the threshold"
+    assert sched._proc is not None, "8 new items reach the threshold"
     assert sched.status()["running"]["profile"] == "alice"
     run_to_end(sched)
     last = sched.status()["profiles"]["alice"]["last_run"]
@@ -103,13 +108,13 @@ def test_runs_when_enough_material_then_respects_the_interval(store, fake_train)
 
 def test_rejected_feedback_counts_and_a_short_interval_allows_another_run(store, fake_train, monkeypatch):
     sched = make(store, fake_train, min_items=2, hours=0.0)
-    store.add_items("alice", [{"text": "a"}, {"text": "b"}])
+    store.add_items("alice", [{"text": t} for t in "abcdefgh"])
     sched.tick()
     run_to_end(sched)
     monkeypatch.setenv("FAKE_TRAIN_MODE", "reject")
     iid = store.record_interaction("alice", input="x", rewrite="y")
     store.add_feedback(iid, "rejected")
-    store.add_item("alice", "c")
+    store.add_item("alice", "one more")
     assert sched.status()["profiles"]["alice"]["new_material"] == 2
     sched.tick()
     run_to_end(sched)
@@ -121,25 +126,35 @@ def test_a_failed_run_keeps_the_material(store, fake_train, monkeypatch):
     monkeypatch.setenv("FAKE_TRAIN_MODE", "fail")
     switched: list[str] = []
     sched = make(store, fake_train, switch=switched.append)
-    store.add_items("alice", [{"text": t} for t in "abc"])
+    store.add_items("alice", [{"text": t} for t in "abcdefgh"])
     sched.tick()
     run_to_end(sched)
     info = sched.status()["profiles"]["alice"]
     assert info["last_run"]["status"] == "failed" and "exit code 2" in info["last_run"]["reason"]
-    assert info["new_material"] == 3 and switched == []
+    assert info["new_material"] == 8 and switched == []
+    # The run died before recording itself: the scheduler recorded it, so the interval applies.
+    (run,) = store.list_train_runs("alice")
+    assert run["status"] == "failed" and "exit code 2" in run["error"] and not info["interval_ok"]
+    sched.tick()
+    assert sched._proc is None
 
 
-def test_a_profile_with_its_own_adapter_counts_from_now(store, fake_train, tmp_path):
-    store.add_items("bob", [{"text": t} for t in "abcde"])
-    store.set_active_adapter("bob", store.register_adapter("bob-1", tmp_path / "x.gguf", profile="bob"))
-    sched = make(store, fake_train)
-    assert sched.status()["profiles"]["bob"]["new_material"] == 0
+def test_a_run_made_outside_the_daemon_covers_its_material(store, fake_train):
+    """`rpo train sft` from cron or the TUI records what it trained on: the daemon counts from there."""
+    store.add_items("bob", [{"text": t} for t in "abcdefghij"])
+    run = store.start_train_run("bob", "sft", store.material_marks("bob"))
+    store.finish_train_run(run, "rejected")
+    store.add_items("bob", [{"text": "k"}])
+    sched = make(store, fake_train, hours=0.0)
+    assert sched.status()["profiles"]["bob"]["new_material"] == 1
+    sched.tick()
+    assert sched._proc is None
 
 
 def test_stop_terminates_a_running_training(store, fake_train, monkeypatch):
     monkeypatch.setenv("FAKE_TRAIN_SLEEP", "60")
     sched = make(store, fake_train, check_s=0.05)
-    store.add_items("alice", [{"text": t} for t in "abc"])
+    store.add_items("alice", [{"text": t} for t in "abcdefgh"])
     sched.start()
     deadline = time.monotonic() + 10
     while sched._proc is None and time.monotonic() < deadline:
@@ -156,10 +171,10 @@ def test_daemon_hot_swaps_the_adapter_while_requests_continue(store, fake_engine
     import openai
 
     monkeypatch.setenv("FAKE_TRAIN_SLEEP", "1")
-    store.add_items("alice", [{"text": t} for t in ("lol ok", "ttyl", "sounds good")])
+    store.add_items("alice", [{"text": t} for t in ("lol ok", "ttyl", "sounds good", "k", "brb", "omg", "yes", "no")])
     with FakeUpstream() as up:
         config = load_config()
-        config.train_min_new_items = 3
+        config.train_min_new_items = 8
         daemon = Daemon(store=store, engine=fake_engine, upstream=OpenAIUpstream(up.url), config=config)
         daemon.scheduler = TrainScheduler(
             Store.open(store.path), config, switch=daemon.worker.switch_adapter, command=fake_train, check_s=0.1
@@ -196,7 +211,7 @@ def test_daemon_hot_swaps_the_adapter_while_requests_continue(store, fake_engine
 
 def test_a_command_that_cannot_run_is_a_failed_run(store, tmp_path):
     sched = make(store, lambda p: [str(tmp_path / "no-such-program")])
-    store.add_items("Zoë_b", [{"text": t} for t in "abc"])  # a name that is no plain file name
+    store.add_items("Zoë_b", [{"text": t} for t in "abcdefgh"])  # a name that is no plain file name
     sched.tick()
     run_to_end(sched)
     last = sched.status()["profiles"]["Zoë_b"]["last_run"]

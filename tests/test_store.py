@@ -160,3 +160,47 @@ def test_one_store_shared_by_many_threads(tmp_path):
     assert errors == []
     assert store.counts()["items"] == 1 + 6 * 15 and store.counts()["feedback"] == 6 * 15
     store.close()
+
+
+def test_train_runs_record_the_material_they_covered(store):
+    store.add_items("ann", [{"text": "one"}, {"text": "two"}])
+    assert store.new_material("ann", store.last_covered_marks("ann")) == 2 and store.list_train_runs("ghost") == []
+    lamp = store.start_train_run("ann", "sft")  # on LaMP users: covers none of ann's texts
+    store.finish_train_run(lamp, "activated")
+    assert store.last_covered_marks("ann") is None
+    run = store.start_train_run("ann", "rl", store.material_marks("ann"))
+    store.add_item("ann", "three")  # arrives while the run trains
+    store.finish_train_run(run, "rejected", summary={"status": "rejected"})
+    assert store.new_material("ann", store.last_covered_marks("ann")) == 1
+    failed = store.start_train_run("ann", "sft", store.material_marks("ann"))
+    store.finish_train_run(failed, "failed", error="boom")
+    assert store.new_material("ann", store.last_covered_marks("ann")) == 1, "a failed run keeps the material"
+    assert [r["status"] for r in store.list_train_runs("ann")] == ["failed", "rejected", "activated"]
+    assert store.list_train_runs("ann")[1]["summary"] == {"status": "rejected"}
+    with pytest.raises(InputError):
+        store.finish_train_run(run, "succeeded")
+
+
+def test_runs_from_before_the_marks_cover_what_was_dated_before_them(tmp_path):
+    path = tmp_path / "old.db"
+    with Store.open(path) as s:
+        s.add_items("ann", [{"text": "before", "created_at": "2020-01-01T00:00:00+00:00"}])
+        s.finish_train_run(s.start_train_run("ann", "sft"), "activated")
+        s.add_items("ann", [{"text": "after"}])
+    conn = sqlite3.connect(path)  # the database as 0005 left it
+    conn.execute("alter table train_runs drop column item_mark")
+    conn.execute("alter table train_runs drop column feedback_mark")
+    conn.execute("delete from _rpo_migrations where name = '0006_train_run_marks'")
+    conn.commit()
+    conn.close()
+    with Store.open(path) as s:
+        assert s.last_covered_marks("ann") == {"item_id": 1, "feedback_id": 0}
+        assert s.new_material("ann", s.last_covered_marks("ann")) == 1
+
+
+def test_retrieval_and_search_queries_belong_to_the_store(store):
+    store.add_items("ann", [{"text": "walking the dog"}, {"text": "pizza night"}, {"text": "dog park"}])
+    pid = store.get_profile("ann").id
+    assert [h["text"] for h in store.bm25_items(pid, '"dog"', 5)] == ["dog park", "walking the dog"]
+    assert [h["text"] for h in store.recent_items(pid, 5, exclude=[3])] == ["pizza night", "walking the dog"]
+    assert store.adapter_by_path("/nowhere") is None

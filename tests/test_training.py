@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fakes import SMOLLM2_TEMPLATE, FakeEngine
-from rpo_local import prompts, retrieve
+from rpo_local import prompts, text
 from rpo_local.store import digest
 from rpo_local.training import dataset
 
@@ -56,7 +56,7 @@ def test_lamp_examples_parse_and_never_contain_their_target(lamp7, store):
     assert 0 < len(examples) == len(kept) < len(rows)  # outputs that are not rewrites are left out
     for row, ex in zip(kept, examples):
         assert ex.target == row["output"].strip()
-        assert retrieve.content_kept(ex.target, ex.generic) >= dataset.MIN_TARGET_KEPT
+        assert text.content_kept(ex.target, ex.generic) >= dataset.MIN_TARGET_KEPT
         assert digest(ex.target) not in {digest(c) for c in ex.context}
         assert ex.prompt == prompts.reflection_prompt(SMOLLM2_TEMPLATE, ex.generic, ex.context)
         traj = _parse(ex)

@@ -33,10 +33,10 @@ def _in_use(store, profile: str) -> str | None:  # noqa: ANN001 - Store
 
 @app.command("list")
 def list_(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
-    """Adapters usable by the profile (general ones and its own); * marks the one in use."""
+    """Adapters usable by the profile (general ones and its own); * marks the one in use.
+    Adapters are not per profile: a profile with no history yet lists the general ones."""
     name = profile_name(profile)
     with open_store() as store:
-        store.get_profile(name)
         rows = store.list_adapters(name)
         active = _in_use(store, name)
     registered = {r["name"] for r in rows}  # a builtin used once is registered: listed with the others

@@ -13,6 +13,7 @@ import typer
 
 from rpo_local.cli._common import JsonOpt, note, print_json
 from rpo_local.errors import EXIT_INTERRUPTED, InputError
+from rpo_local.extras import require
 from rpo_local.lamp import MAX_ANSWER_TOKENS
 
 ALL_METHODS = "copy,base,context,rpo,rpo+adapter"
@@ -42,6 +43,9 @@ def eval_cmd(
 
     The Markdown table (or with --json one JSON document) goes to stdout. Ctrl-C stops the run and still writes what was finished, marked partial.
     """
+    require("eval", "rpo eval")
+    if plot is not None:
+        require("eval", "rpo eval --plot", ("matplotlib",))
     from rpo_local import evaluate, lamp
 
     dataset = lamp.load(data, questions=questions, outputs=outputs, task=task)

@@ -79,16 +79,17 @@ def doctor(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
     report["database"] = {"path": str(p.db_path())}
     try:
         from rpo_local.adapters import resolve_adapter
+        from rpo_local.scheduler import summary
 
-        with open_store() as store:
+        with open_store() as store:  # reads only: a profile that does not exist stays so
             report["database"]["read_only"] = store.read_only
             report["database"]["counts"] = store.counts()
+            report["profile_exists"] = store.has_profile(name)
             adapter = resolve_adapter(store, name)
             report["adapter"] = str(adapter) if adapter else None
-            report["training"] = _training_status(store, name)
-            from rpo_local.scheduler import summary
-
-            report["auto_training"] = summary(store, config, name)
+            runs = store.list_train_runs(name, limit=1)
+            report["training"] = {k: runs[0][k] for k in ("kind", "status", "started_at", "finished_at")} if runs else None
+            report["auto_training"] = summary(store, config, name) if report["profile_exists"] else None
     except RpoError as exc:
         report["problems"].append(exc.message)
     if json_out:
@@ -97,17 +98,6 @@ def doctor(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
         _print_report(report)
     if report["problems"]:
         raise typer.Exit(1)
-
-
-def _training_status(store, profile: str) -> dict | None:  # noqa: ANN001
-    rows = list(
-        store.db.query(
-            "select r.kind, r.status, r.started_at, r.finished_at from train_runs r join profiles p "
-            "on p.id = r.profile_id where p.name = ? order by r.id desc limit 1",
-            [profile],
-        )
-    )
-    return rows[0] if rows else None
 
 
 def _auto_training(info: dict | None) -> str | None:
@@ -121,7 +111,9 @@ def _auto_training(info: dict | None) -> str | None:
 def _print_report(report: dict) -> None:
     model = report.get("model") or {}
     db = report.get("database") or {}
+    exists = report.get("profile_exists")
     lines = [
+        ("profile", report["profile"] + ("" if exists or exists is None else " (no history yet: not created)")),
         ("backend", report.get("backend")),
         ("model", f"{model.get('path')} ({model.get('bytes', 0) / 1e6:.0f} MB)" if model else None),
         ("adapter", report.get("adapter") or "none"),

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rpo_local.cli._common import JsonOpt, ProfileOpt, note, open_store, print_json, profile_name
+from rpo_local.extras import require
 
 if TYPE_CHECKING:
+    from rpo_local.training.pipeline import Outcome
     from rpo_local.training.rl import RLConfig
     from rpo_local.training.sft import SFTConfig
 
@@ -36,7 +39,7 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _progress_sink(enabled: bool):  # noqa: ANN202 - a callable or None
+def _progress_sink(enabled: bool) -> Callable[[dict], None] | None:
     if not enabled:
         return None
 
@@ -47,7 +50,7 @@ def _progress_sink(enabled: bool):  # noqa: ANN202 - a callable or None
     return emit
 
 
-def _finish(outcome, json_out: bool, progress_json: bool) -> None:  # noqa: ANN001 - pipeline.Outcome
+def _finish(outcome: Outcome, json_out: bool, progress_json: bool) -> None:
     sink = _progress_sink(progress_json)
     if sink:
         sink({"event": "done", "status": outcome.status, "adapter": outcome.adapter, "reason": outcome.reason})
@@ -97,6 +100,7 @@ def sft(
     progress_json: ProgressJsonOpt = False,
 ) -> None:
     """Build data, train, export, evaluate on held-out texts, register; activate if better."""
+    require("train", "rpo train sft")
     from rpo_local.training.sft import SFTConfig
 
     cfg = SFTConfig(rank=rank, alpha=2.0 * rank, lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
@@ -122,6 +126,7 @@ def rl(
 ) -> None:
     """The RL stage: sample rewrites with the adapter in use, reward them against your own
     texts, fine-tune on the best, evaluate on held-out texts; activate if better."""
+    require("train", "rpo train rl")
     from rpo_local.training.rl import RLConfig
     from rpo_local.training.sft import SFTConfig
 
@@ -130,7 +135,7 @@ def rl(
            RLConfig(samples=samples, temperature=temperature, margin=margin))
 
 
-def _train(profile: str | None, lamp: Path | None, lamp_users: int, cfg: SFTConfig, from_scratch: bool,  # noqa: PLR0913
+def _train(profile: str | None, lamp: Path | None, lamp_users: int, cfg: SFTConfig, from_scratch: bool,
            json_out: bool, progress_json: bool, rl_cfg: RLConfig | None = None) -> None:
     from rpo_local.training.pipeline import run_sft
 
@@ -153,24 +158,21 @@ def auto(
     json_out: JsonOpt = False,
     progress_json: ProgressJsonOpt = False,
 ) -> None:
-    """Train if the profile has enough new texts since its last run (train_min_new_items,
-    train_interval_hours), else skip. With --json: one JSON object on stdout."""
+    """Train if the profile is due: train_min_new_items new texts or rejected rewrites since its
+    last run, and train_interval_hours passed (the daemon's rule too); else skip. With --json:
+    one JSON object on stdout."""
+    require("train", "rpo train auto")
     from rpo_local.config import load_config
-    from rpo_local.training.pipeline import Outcome, run_sft, should_train
+    from rpo_local.training.pipeline import run_auto
     from rpo_local.training.sft import SFTConfig
 
     name = profile_name(profile)
     config = load_config()
     with open_store() as store:
         store.get_profile(name)
-        go, why = should_train(store, name, config)
-        if not go:
-            outcome = Outcome("skipped", None, why)
-        else:
-            _interrupt_on_sigterm()
-            cfg = SFTConfig(top_layers=10, lr=1e-3, batch_size=4, grad_accum=1, threads=config.n_threads)
-            outcome = run_sft(store, name, cfg=cfg,
-                              config=config, on_step=_progress_sink(progress_json), progress=False, note=note)
+        _interrupt_on_sigterm()
+        cfg = SFTConfig(top_layers=10, lr=1e-3, batch_size=4, grad_accum=1, threads=config.n_threads)
+        outcome = run_auto(store, name, cfg=cfg, config=config, on_step=_progress_sink(progress_json), note=note)
     _finish(outcome, json_out, progress_json)
 
 
@@ -178,12 +180,12 @@ def auto(
 def runs(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
     """Past training runs of a profile, newest first."""
     with open_store() as store:
-        pid = store.get_profile(profile_name(profile)).id
-        rows = list(store.db.query(
-            "select id, kind, status, started_at, finished_at, adapter_id, error from train_runs "
-            "where profile_id = ? order by id desc", [pid]))
+        name = profile_name(profile)
+        store.get_profile(name)
+        rows = store.list_train_runs(name)
     if json_out:
         print_json(rows)
         return
     for r in rows:
-        print(f"{r['id']}\t{r['kind']}\t{r['status']}\t{r['started_at']}\t{r['error'] or ''}")
+        error = (r["error"] or "").strip().splitlines()  # a bug's is a whole traceback: its last line
+        print(f"{r['id']}\t{r['kind']}\t{r['status']}\t{r['started_at']}\t{error[-1] if error else ''}")

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 from rpo_local import prompts
 from rpo_local.errors import InputError
 from rpo_local.fsutil import atomic_write_text
-from rpo_local.retrieve import content_kept, content_words, retrieve
+from rpo_local.retrieve import retrieve
 from rpo_local.store import digest
+from rpo_local.text import content_kept, content_words, word_set, words
 
 if TYPE_CHECKING:
     from rpo_local.engine import Engine
@@ -47,7 +48,6 @@ SLANG = frozenset(
     hehe haha hahaha xo xoxo k kk ok okay nite tonite luv cuz coz bc b4 wat wut sooo soo
     2day 2morrow tmrw tomoro bday ppl msg gf bf bestie yay woo woohoo meh hmm ah oh""".split()
 )
-_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?", re.UNICODE)
 _TOKEN = re.compile(r"\S+")
 
 
@@ -68,12 +68,12 @@ class Features:
 
 
 def _has_caps_word(text: str) -> bool:
-    return any(len(w) >= 2 and w.isupper() and w.isalpha() for w in _WORD.findall(text))
+    return any(len(w) >= 2 and w.isupper() and w.isalpha() for w in words(text))
 
 
 def _slang_of(text: str) -> list[str]:
-    words = [w.lower() for w in _WORD.findall(text)]
-    return [w for w in words if w in SLANG or re.fullmatch(r"(?:ha){2,}h?|(?:he){2,}|o{2,}h+|a{2,}h+", w)]
+    lowered = [w.lower() for w in words(text)]
+    return [w for w in lowered if w in SLANG or re.fullmatch(r"(?:ha){2,}h?|(?:he){2,}|o{2,}h+|a{2,}h+", w)]
 
 
 def _marks(text: str) -> list[str]:
@@ -177,8 +177,8 @@ def plan_edits(generic: str, target: str, items: Sequence[str] = ()) -> str:
         parts.append(f"expand to ~{round(y.words)} words")
     if y.lower and not g.lower:
         parts.append("lowercase")
-    added = [w for w in dict.fromkeys(_WORD.findall(target.lower())) if w not in gw and w in known]
-    dropped = [w for w in dict.fromkeys(_WORD.findall(generic.lower())) if w not in yw]
+    added = [w for w in dict.fromkeys(words(target.lower())) if w not in gw and w in known]
+    dropped = [w for w in dict.fromkeys(words(generic.lower())) if w not in yw]
     if added:
         parts.append("use " + ", ".join(added[:3]))
     if dropped:
@@ -191,11 +191,6 @@ def plan_edits(generic: str, target: str, items: Sequence[str] = ()) -> str:
     if g.end_period and not y.end_period:
         parts.append("no final period")
     return _fit(parts) or "keep it as is"
-
-
-def word_set(text: str) -> set[str]:
-    """The lower-cased words of `text` (stopwords included; "don't" is one word)."""
-    return set(_WORD.findall(text.lower()))
 
 
 _HANDLE_OR_URL = re.compile(r"(?<!\w)@\w+[:,]?|https?://\S+|www\.\S+")

@@ -11,20 +11,22 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rpo_local import paths, prompts
 from rpo_local.adapters import resolve_adapter
 from rpo_local.config import Config, load_config
-from rpo_local.db import now
-from rpo_local.errors import InputError, ModelError, RpoError
+from rpo_local.errors import InputError, ModelError, RpoError, TrainingBusy
 from rpo_local.models import gguf_metadata
 from rpo_local.names import file_stem
 from rpo_local.training import dataset, rl
+from rpo_local.training.due import MIN_ITEMS, training_due
 from rpo_local.training.rl import RLConfig
 from rpo_local.training.sft import SFTConfig
 
@@ -32,7 +34,6 @@ if TYPE_CHECKING:
     from rpo_local.engine import Engine
     from rpo_local.store import Store
 
-MIN_ITEMS = 8  # fewer texts than this teach nothing and leave nothing to evaluate on
 Sink = Callable[[dict], None]
 
 
@@ -49,30 +50,34 @@ class Outcome:
         return {k: v for k, v in asdict(self).items() if k not in ("run_id", "exit_code")}
 
 
-# -- when to train ----------------------------------------------------------------------------
+# -- one run per profile at a time -----------------------------------------------------------
 
-def new_material(store: Store, profile: str) -> tuple[int, str | None]:
-    """(texts added since the profile's last finished run, when that run started)."""
-    pid = store.get_profile(profile).id
-    last = store.db.execute(
-        "select max(started_at) from train_runs where profile_id = ? and status in ('activated', 'rejected')",
-        [pid],
-    ).fetchone()[0]
-    sql, params = "select count(*) from items where profile_id = ?", [pid]
-    if last:
-        sql, params = sql + " and created_at > ?", params + [last]
-    return store.db.execute(sql, params).fetchone()[0], last
+def lock_path(profile: str) -> Path:
+    return paths.runs_dir() / f"{file_stem(profile)}.lock"
 
 
-def should_train(store: Store, profile: str, config: Config) -> tuple[bool, str]:
-    count, last = new_material(store, profile)
-    if count < config.train_min_new_items:
-        return False, f"{count} new texts since the last run; {config.train_min_new_items} needed"
-    if last:
-        age = datetime.now(timezone.utc) - datetime.fromisoformat(last)
-        if age < timedelta(hours=config.train_interval_hours):
-            return False, f"last run {age.total_seconds() / 3600:.1f} h ago; interval {config.train_interval_hours} h"
-    return True, f"{count} new texts"
+@contextmanager
+def training_lock(profile: str) -> Iterator[None]:
+    """Hold `profile`'s training lock, or raise TrainingBusy at once. The TUI, the daemon and
+    cron all train through here, and a run's folder, checkpoint and paraphrase cache are per
+    profile: two runs at once would write the same files. The OS releases the lock when its
+    process dies (kill -9 included), so a crashed run never blocks the next."""
+    from filelock import FileLock, Timeout
+
+    path = lock_path(profile)
+    paths.ensure_dir(path.parent)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise TrainingBusy(
+            f"profile {profile!r} is being trained by another process (lock {path}); "
+            "try again when that run has finished"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def rl_examples(engine: Engine, config: Config, current: Path | None, examples: list[dataset.Example],
@@ -93,24 +98,18 @@ def rl_examples(engine: Engine, config: Config, current: Path | None, examples: 
 # -- the run ----------------------------------------------------------------------------------
 
 class Run:
-    """A recorded training run for `profile` (context manager: failures are recorded too)."""
+    """A recorded training run for `profile`: a `train_runs` row, with the material it covers
+    when it trains on the profile's own texts (see training.due)."""
 
-    def __init__(self, store: Store, profile: str, kind: str = "sft") -> None:
+    def __init__(self, store: Store, profile: str, kind: str, own_texts: bool) -> None:
         self.store = store
-        self.profile = profile
-        pid = store.ensure_profile(profile).id
-        with store.writing():
-            self.id = store.db["train_runs"].insert({
-                "profile_id": pid, "kind": kind, "status": "running", "started_at": now(),
-            }).last_pk
+        marks = store.material_marks(profile) if own_texts else None
+        self.id = store.start_train_run(profile, kind, marks)
 
     def finish(self, outcome: Outcome, error: str | None = None) -> Outcome:
         adapter_id = self.store.get_adapter(outcome.adapter)["id"] if outcome.adapter else None
-        with self.store.writing():
-            self.store.db["train_runs"].update(self.id, {
-                "status": outcome.status, "finished_at": now(), "adapter_id": adapter_id,
-                "summary": json.dumps(outcome.to_dict(), default=str), "error": error,
-            })
+        self.store.finish_train_run(self.id, outcome.status, adapter_id=adapter_id, summary=outcome.to_dict(),
+                                    error=error)
         outcome.run_id = self.id
         return outcome
 
@@ -195,24 +194,53 @@ def run_sft(
     engine: Engine | None = None,
     rl_cfg: RLConfig | None = None,
 ) -> Outcome:
-    """Train, export, evaluate, register, and activate if better. Never raises RpoError: a
-    failure is an Outcome with status 'failed' (and a train_runs row).
+    """Train, export, evaluate, register, and activate if better. A failure is an Outcome
+    with status 'failed' (and a train_runs row); the one RpoError raised is TrainingBusy, when
+    another process trains `profile` (then nothing is recorded or written).
 
     With `rl_cfg` the run is the RL stage: the examples' trajectories are the current model's
     own best-rewarded samples (`training.rl`) instead of the feature-built ones."""
     config = config or load_config()
-    run = Run(store, profile, "rl" if rl_cfg else "sft")
+    with training_lock(profile):
+        return _recorded(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_step,
+                         progress, note, engine, rl_cfg)
+
+
+def run_auto(
+    store: Store,
+    profile: str,
+    *,
+    cfg: SFTConfig,
+    config: Config,
+    on_step: Sink | None = None,
+    note: Callable[[str], None] = lambda _m: None,
+) -> Outcome:
+    """`rpo train auto`: an SFT run when training.due says the profile is due, else 'skipped'.
+    The rule is checked under the lock, so a run that just finished elsewhere counts."""
+    with training_lock(profile):
+        due = training_due(store, profile, config)
+        if not due.due:
+            return Outcome("skipped", None, due.reason)
+        note(f"training: {due.reason}")
+        return _recorded(store, profile, cfg=cfg, lamp=None, lamp_users=0, start_from_current=True, config=config,
+                         on_step=on_step, progress=False, note=note, engine=None, rl_cfg=None)
+
+
+def _recorded(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_step, progress, note,
+              engine, rl_cfg) -> Outcome:
+    """One run with its train_runs row; the caller holds the profile's lock."""
+    run = Run(store, profile, "rl" if rl_cfg else "sft", own_texts=lamp is None)
     try:
         return run.finish(_run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_step,
                                progress, note, engine, run.id, rl_cfg))
     except RpoError as exc:
         return run.finish(Outcome("failed", None, exc.message, exit_code=exc.exit_code), error=exc.message)
     except BaseException as exc:  # Ctrl-C or a bug: the row must not stay "running"
-        run.finish(Outcome("failed", None, f"{type(exc).__name__}: {exc}"), error=repr(exc))
+        run.finish(Outcome("failed", None, f"{type(exc).__name__}: {exc}"), error=traceback.format_exc())
         raise
 
 
-def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_step, progress, note, engine,  # noqa: ANN001, PLR0913
+def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_step, progress, note, engine,
          run_id, rl_cfg) -> Outcome:
     from rpo_local.engine import open_engine
     from rpo_local.models import sha256
