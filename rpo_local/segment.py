@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import pairwise
 
-from rpo_local.retrieve import content_words
+from rpo_local.text import content_words
 
 # A piece needs a content word outside its protected spans, other than these, to be worth a
 # rewrite: "Ok.", "Thanks!" or a bare link have nothing a style rewrite can change, and a small
