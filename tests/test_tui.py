@@ -88,7 +88,8 @@ def test_pipeline_stores_the_exchange(store, fake_engine):
     resumed = ChatPipeline(store, Config(), "alice", upstream=upstream, reflector=pipe.reflector)
     assert resumed.resume() == pipe.conversation_id
     turns = resumed.turns()
-    assert turns[3].verdict == "edited" and turns[1].retrieved and turns[1].trajectory["style"]
+    first_piece = turns[1].trajectory[0]  # two sentences: one trajectory per piece
+    assert turns[3].verdict == "edited" and turns[1].retrieved and first_piece["style"]
 
 
 # -- the app, driven by Pilot -----------------------------------------------------------------
