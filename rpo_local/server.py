@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import queue
 import re
 import socket
@@ -274,6 +275,7 @@ class Daemon:
                 raise
             return await self.finish(profile, generic, None, f"the rewrite exceeded the time budget ({self.budget_s:g} s)")
         except Exception as exc:
+            logging.getLogger(__name__).error("rewrite failed (profile %r)", profile, exc_info=exc)
             return await self.finish(profile, generic, None, f"the rewrite failed: {_describe(exc)}")
         return await self.finish(profile, generic, result, None)
 
@@ -481,7 +483,7 @@ def create_app(daemon: Daemon) -> ASGIApp:
         return error_response(status, _describe(exc), "invalid_request_error" if status < 500 else "server_error")
 
     async def internal_error(request: Request, exc: Exception) -> Response:
-        print(f"rpo: internal error on {request.url.path}: {exc!r}", file=sys.stderr, flush=True)
+        logging.getLogger(__name__).error("internal error on %s", request.url.path, exc_info=exc)
         return error_response(500, f"internal error: {_describe(exc)}", "server_error")
 
     app = Starlette(

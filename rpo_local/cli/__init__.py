@@ -7,16 +7,17 @@ Heavy imports (llama_cpp, torch) happen inside the verbs that need them.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 import typer
 
+from rpo_local.cli import adapters as adapters_cli
 from rpo_local.cli import chat, history, misc, rewrite
 from rpo_local.cli import eval as eval_cli
-from rpo_local.cli import serve as serve_cli
-from rpo_local.cli import adapters as adapters_cli
 from rpo_local.cli import models as models_cli
+from rpo_local.cli import serve as serve_cli
 from rpo_local.cli import train as train_cli
 from rpo_local.errors import EXIT_INTERRUPTED, RpoError
 
@@ -41,7 +42,9 @@ app.add_typer(models_cli.app, name="models")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: maps errors to exit codes, Ctrl-C to 130, a closed pipe to silence."""
+    """Console entry point: maps errors to exit codes, Ctrl-C to 130, a closed pipe to silence.
+    Logged warnings and errors (a bug behind a fallback, with its traceback) go to stderr."""
+    logging.basicConfig(format="rpo: %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="rpo", standalone_mode=False)
