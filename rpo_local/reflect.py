@@ -224,7 +224,7 @@ class Reflector:
         looped = None
         for piece in self.engine.stream(
             prompt, max_tokens=self._answer_budget(generic), stop=prompts.ANSWER_STOPS,
-            temperature=cfg.temperature, seed=cfg.seed, result=answer,
+            temperature=cfg.temperature, seed=cfg.seed, result=answer, draft=generic,
         ):
             out = streamer.feed(piece)
             if out and on_text:
