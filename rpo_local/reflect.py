@@ -316,7 +316,7 @@ class Reflector:
         looped = None
         for piece in self.engine.stream(
             prompt, max_tokens=self._answer_budget(generic), stop=self._stops(prompts.ANSWER_STOPS),
-            temperature=cfg.temperature, seed=cfg.seed, result=answer,
+            temperature=cfg.temperature, seed=cfg.seed, result=answer, draft=generic,
         ):
             streamer.feed(piece)
             if streamer.done:
