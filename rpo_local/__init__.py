@@ -6,10 +6,11 @@ Personalization Optimization, Hao et al. 2025).
 
 The Python API is the product; the CLI, the TUI and the daemon are thin layers on top::
 
-    from rpo_local import Store, open_engine, Reflector
-    store = Store.open()
-    reflector = Reflector(store, open_engine())
-    result = reflector.rewrite("Generic reply ...", profile="default")
+    from rpo_local import open_reflector
+    reflector = open_reflector(profile="me")  # the model with the profile's adapter, as `rpo rewrite` runs it
+    result = reflector.rewrite("Generic reply ...")
+
+`Reflector(store, engine)` is the lower level: it runs whatever adapter `engine` carries.
 """
 
 from __future__ import annotations
@@ -26,15 +27,19 @@ _EXPORTS = {
     "Reflector": "rpo_local.reflect",
     "RewriteResult": "rpo_local.reflect",
     "open_engine": "rpo_local.engine",
+    "open_reflector": "rpo_local.session",
     "retrieve": "rpo_local.retrieve",
 }
 
-if TYPE_CHECKING:  # pragma: no cover
-    from rpo_local.config import Config, load_config
-    from rpo_local.engine import open_engine
-    from rpo_local.reflect import Reflector, RewriteResult
-    from rpo_local.retrieve import retrieve
-    from rpo_local.store import Store
+if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports on first use
+    from rpo_local.config import Config as Config
+    from rpo_local.config import load_config as load_config
+    from rpo_local.engine import open_engine as open_engine
+    from rpo_local.reflect import Reflector as Reflector
+    from rpo_local.reflect import RewriteResult as RewriteResult
+    from rpo_local.retrieve import retrieve as retrieve
+    from rpo_local.session import open_reflector as open_reflector
+    from rpo_local.store import Store as Store
 
 
 def __getattr__(name: str) -> Any:

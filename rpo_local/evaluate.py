@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,7 +47,7 @@ Progress = Callable[[int, int], None]  # (users done, users in the run)
 # -- scoring ----------------------------------------------------------------------------------
 
 @lru_cache(maxsize=1)
-def _scorer():  # noqa: ANN202 - rouge_score type
+def _scorer():
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
@@ -63,7 +63,7 @@ def mean_rouge(predictions: Sequence[str], golds: Sequence[str]) -> tuple[float,
     """Mean over users of ROUGE-1 and ROUGE-L F."""
     if len(predictions) != len(golds) or not golds:
         raise ValueError("need as many predictions as golds, and at least one")
-    pairs = [rouge(p, g) for p, g in zip(predictions, golds)]
+    pairs = [rouge(p, g) for p, g in zip(predictions, golds, strict=True)]
     return sum(r1 for r1, _ in pairs) / len(pairs), sum(rl for _, rl in pairs) / len(pairs)
 
 
@@ -77,7 +77,7 @@ class MethodOutput:
     fallback: bool | None = None  # rewrite methods only: the generic text was kept
     fallback_reason: str | None = None
     rouge1: float = 0.0
-    rougeL: float = 0.0  # noqa: N815 - the metric's name
+    rougeL: float = 0.0
     pieces: int | None = None  # rewrite methods only: pieces of the reply, and how many were rewritten
     pieces_rewritten: int | None = None
 
@@ -94,7 +94,7 @@ class MethodSummary:
     method: str
     users: int
     rouge1: float | None
-    rougeL: float | None  # noqa: N815
+    rougeL: float | None
     latency_s: float | None
     gen_tokens: float | None
     fallback_share: float | None  # None for methods that do not rewrite
@@ -502,7 +502,7 @@ class _Runner:
     def _load_profile(self, store: Store, user: lamp.LampUser) -> dict[str, dict]:
         """The user's profile as history items, in profile order (later entries count as newer)."""
         kind = lamp.TASKS[self.task].kind
-        start = datetime(2000, 1, 1, tzinfo=timezone.utc)
+        start = datetime(2000, 1, 1, tzinfo=UTC)
         items, by_text = [], {}
         for i, entry in enumerate(user.profile):
             text = lamp.item_text(self.task, entry)

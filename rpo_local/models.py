@@ -146,12 +146,12 @@ def gguf_metadata(path: Path) -> dict[str, str | int | float | bool]:
         raise ModelError(f"cannot read the GGUF header of {path}: {exc}") from None
 
 
-def _read_str(fh) -> str:  # noqa: ANN001 - binary file
+def _read_str(fh) -> str:
     (n,) = struct.unpack("<Q", fh.read(8))
     return fh.read(n).decode("utf-8")
 
 
-def _read_value(fh, kind: int):  # noqa: ANN001, ANN202 - binary file; str | int | float | bool | None
+def _read_value(fh, kind: int):
     if kind == _STRING:
         return _read_str(fh)
     if kind == _ARRAY:

@@ -46,7 +46,7 @@ def check_profile(name: object) -> str:
     reason = problem(name)
     if reason is not None:
         raise InputError(f"invalid profile name {name!r}: {reason} ({RULE})")
-    return name  # type: ignore[return-value]
+    return str(name)  # a str: problem() refuses anything else
 
 
 def file_stem(name: str) -> str:

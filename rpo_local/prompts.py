@@ -121,7 +121,7 @@ def lamp_context_prompt(task: str, question: str, items: Sequence[dict]) -> str:
 # -- chat templates ---------------------------------------------------------------------------
 
 @lru_cache(maxsize=8)
-def _compile(template: str):  # noqa: ANN202 - jinja2 type
+def _compile(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)

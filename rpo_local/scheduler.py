@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,7 +189,7 @@ class TrainScheduler:
         return training_due(self.store, profile, self.config).due
 
     def _launch(self, profile: str) -> None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         base = self.log_dir / f"auto-{file_stem(profile)}-{stamp}"
         out_path, log_path = base.with_suffix(".json"), base.with_suffix(".log")

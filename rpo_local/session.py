@@ -1,11 +1,12 @@
 """Assembling the pipeline for one profile: store, engine with the right adapter, reflector.
 
-The CLI, the TUI and the daemon all go through here, so they resolve models and adapters
-the same way.
+The CLI, the TUI, the daemon and library users (`rpo_local.open_reflector`) all go through
+here, so they resolve models and adapters the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,13 +33,16 @@ def open_reflector(
     adapter: str | None = None,
     store: Store | None = None,
 ) -> Reflector:
-    """A ready Reflector for `profile`; the profile must exist (checked before the model loads)."""
+    """A ready Reflector for `profile` (default: the configured one), running the adapter that
+    profile uses, exactly as `rpo rewrite` does; its rewrites are for `profile` unless told
+    otherwise. The profile must exist (checked before the model loads)."""
     from rpo_local import engine as engine_mod
     from rpo_local.reflect import Reflector
     from rpo_local.store import Store
 
     config = config or load_config()
     profile = config.profile if profile is None else profile
+    config = dataclasses.replace(config, profile=profile)
     store = store or Store.open()
     store.get_profile(profile)
     adapter_path = adapter_for(store, profile, adapter)

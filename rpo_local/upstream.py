@@ -12,6 +12,8 @@ from rpo_local import prompts
 from rpo_local.errors import UpstreamError
 
 if TYPE_CHECKING:
+    import httpx
+
     from rpo_local.config import Config
     from rpo_local.engine import Engine
 
@@ -66,12 +68,12 @@ class OpenAIUpstream:
         self.client.close()
 
 
-def _error_message(resp: object) -> str:
+def _error_message(resp: httpx.Response) -> str:
     try:
-        err = resp.json().get("error")  # type: ignore[attr-defined]
-        return (err.get("message") if isinstance(err, dict) else str(err)) or resp.text[:300]  # type: ignore[attr-defined]
+        err = resp.json().get("error")
+        return (err.get("message") if isinstance(err, dict) else str(err)) or resp.text[:300]
     except (ValueError, AttributeError):
-        return resp.text[:300]  # type: ignore[attr-defined]
+        return resp.text[:300]
 
 
 class LocalUpstream:
@@ -90,7 +92,7 @@ class LocalUpstream:
         if not msgs or msgs[0].get("role") != "system":
             msgs = [{"role": "system", "content": prompts.GENERIC_SYSTEM}, *msgs]
         prompt = prompts.render_chat(self.engine.chat_template(), msgs)
-        max_tokens = int(params.get("max_tokens") or self.max_tokens)  # type: ignore[arg-type]
+        max_tokens = int(params.get("max_tokens") or self.max_tokens)
         result = Completion()
         try:
             stop = [prompts.end_of_turn(self.engine.chat_template())]
@@ -101,7 +103,7 @@ class LocalUpstream:
         return UpstreamReply(text.strip(), LOCAL_MODEL_NAME, usage)
 
 
-def open_upstream(config: Config, *, url: str | None = None, engine_factory=None) -> Upstream:  # noqa: ANN001
+def open_upstream(config: Config, *, url: str | None = None, engine_factory=None) -> Upstream:
     """The configured upstream. The local one loads its own engine (no adapter) on first use."""
     url = url if url is not None else config.upstream_url
     if url:

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fakes import FakeEngine  # noqa: E402
+from fakes import FakeEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 LAMP7 = Path(os.environ.get("RPO_LAMP7", ROOT.parent / "shared" / "data" / "lamp7" / "dev.jsonl"))

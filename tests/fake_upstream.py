@@ -28,7 +28,7 @@ class FakeUpstream:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 with owner._lock:
                     owner.requests.append({"path": self.path, "body": body, "auth": self.headers.get("authorization")})

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from fakes import SMOLLM2_TEMPLATE
+
 from rpo_local import prompts
 from rpo_local.store import digest
 from rpo_local.training import backtranslate, dataset

@@ -232,7 +232,7 @@ class RecordingEngine(FakeEngine):
         super().__init__()
         self.runs: list[tuple[str, Path | None]] = []
 
-    def stream(self, prompt: str, **kw):  # noqa: ANN003, ANN201
+    def stream(self, prompt: str, **kw):
         self.runs.append((prompt, self.adapter_path))
         return super().stream(prompt, **kw)
 

@@ -68,7 +68,7 @@ def test_an_escaping_name_trains_inside_rpo_home(store, rpo_home, tmp_path, monk
     store.add_items(ESCAPE, [{"text": f"ok so number {i} is done lol, ttyl {i}"} for i in range(24)])
     seen: list[Path] = []
 
-    def no_torch(model_path, examples, run_dir, *a, **k):  # noqa: ANN001, ANN002, ANN003
+    def no_torch(model_path, examples, run_dir, *a, **k):
         seen.append(run_dir)
         raise InputError("stopped before training (the test needs no torch)")
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from fakes import FakeEngine, generic_of
+
 from rpo_local.config import Config
 from rpo_local.errors import ProfileNotFound
 from rpo_local.reflect import Reflector

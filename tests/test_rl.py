@@ -75,7 +75,7 @@ def test_samples_use_the_sampling_temperature_and_distinct_seeds():
     seen = []
 
     class Recording(FakeEngine):
-        def stream(self, prompt, **kw):  # noqa: ANN001, ANN003, ANN202
+        def stream(self, prompt, **kw):
             seen.append((kw["temperature"], kw["seed"]))
             return super().stream(prompt, **kw)
 
@@ -97,7 +97,7 @@ def _fake_generate(monkeypatch, calls: list | None = None, pause: float = 0.0) -
     """torch generation replaced: sample i of every prompt is RAWS[i]."""
     from rpo_local.training import generate
 
-    def fake(model, tok, texts, eot, *, n=1, **kw):  # noqa: ANN001, ANN003, ANN202
+    def fake(model, tok, texts, eot, *, n=1, **kw):
         if calls is not None:
             calls.append(len(texts))
         time.sleep(pause)
@@ -199,7 +199,7 @@ def test_real_rollouts_sample_parseable_trajectories_from_the_shipped_adapter(la
     engine = LlamaEngine(model_path, n_ctx=2048, adapter_path=builtin_adapter_path())
     rolls = rl.rollouts(engine, examples, load_config(), n=3, temperature=1.0)
     answers = set()
-    for roll, ex in zip(rolls, examples):
+    for roll, ex in zip(rolls, examples, strict=True):
         assert roll.baseline == pytest.approx(rouge(ex.generic, ex.target)[0])
         for s in roll.samples:
             assert s.reward == pytest.approx(rouge(s.answer, ex.target)[0])
@@ -220,8 +220,8 @@ def test_train_rl_learns_nothing_when_no_rollout_beats_the_generic_text(cli, sto
     assert doc["status"] == "rejected" and doc["adapter"] is None and "nothing to learn" in doc["reason"]
     rolls = doc["figures"]["rollouts"]
     assert rolls["kept"] == 0 and rolls["fallback_share"] == 1.0 and rolls["samples"] == 4 * rolls["examples"]
-    (run,) = store.db.query("select kind, status from train_runs")
-    assert run == {"kind": "rl", "status": "rejected"}
+    (run,) = store.list_train_runs("ann")
+    assert (run["kind"], run["status"]) == ("rl", "rejected")
     assert store.active_adapter("ann") is None
 
 
@@ -248,9 +248,9 @@ def test_train_rl_end_to_end(rpo_home, lamp7):
     assert doc["status"] in ("activated", "rejected"), doc
     with Store.open() as store:
         adapter = store.get_adapter(doc["adapter"])
-        (run,) = store.db.query("select kind, status, adapter_id from train_runs")
+        (run,) = store.list_train_runs("ann")
         kept = dataset.read_jsonl(paths.runs_dir() / "ann-lamp-rl" / "train.jsonl")
-    assert run == {"kind": "rl", "status": doc["status"], "adapter_id": adapter["id"]}
+    assert (run["kind"], run["status"], run["adapter_id"]) == ("rl", doc["status"], adapter["id"])
     assert adapter["train_summary"]["examples"] == rolls["kept"] == len(kept)
     for ex in kept:  # the model's own trajectories, in the format the parser reads
         traj = prompts.parse_trajectory(prompts.assistant_prefix() + ex.completion.removesuffix(EOT))

@@ -31,7 +31,7 @@ def _train_auto_available() -> bool:
 
     from rpo_local.cli import app
 
-    return "train" in typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    return "train" in typer.main.get_command(app).commands
 
 
 @pytest.mark.skipif(not _train_auto_available(), reason="`rpo train auto` / lora_runtime not available yet")

@@ -149,7 +149,7 @@ def test_one_store_shared_by_many_threads(tmp_path):
                 store.search_items("ann", "coffee")
                 iid = store.record_interaction("ann", input=f"{n}-{i}", rewrite="x")
                 store.add_feedback(iid, "rejected")
-        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]

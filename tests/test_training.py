@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fakes import SMOLLM2_TEMPLATE, FakeEngine
+
 from rpo_local import prompts, text
 from rpo_local.store import digest
 from rpo_local.training import dataset
@@ -54,7 +54,7 @@ def test_lamp_examples_parse_and_never_contain_their_target(lamp7, store):
     examples = dataset.lamp_examples(rows, store, SMOLLM2_TEMPLATE)
     kept = [r for r in rows if dataset.is_rewrite(dataset.lamp_generic(r["input"]), r["output"])]
     assert 0 < len(examples) == len(kept) < len(rows)  # outputs that are not rewrites are left out
-    for row, ex in zip(kept, examples):
+    for row, ex in zip(kept, examples, strict=True):
         assert ex.target == row["output"].strip()
         assert text.content_kept(ex.target, ex.generic) >= dataset.MIN_TARGET_KEPT
         assert digest(ex.target) not in {digest(c) for c in ex.context}
@@ -116,7 +116,7 @@ def test_train_sft_end_to_end(rpo_home, lamp7):
     assert events[-1]["event"] == "done" and events[-1]["status"] == doc["status"]
     with Store.open() as store:
         adapter = store.get_adapter(doc["adapter"])
-        run = list(store.db.query("select * from train_runs"))[-1]
+        run = store.list_train_runs("ann")[0]
         active = store.active_adapter("ann")
     path = Path(adapter["path"])
     assert path.is_file() and adapter["base_sha256"] and adapter["eval"]["heldout_after"]["n"] >= 2

@@ -34,18 +34,18 @@ class FakeUpstream:
         self.fail = fail
         self.calls: list[list[dict]] = []
 
-    def chat(self, messages, *, model=None, **params) -> UpstreamReply:  # noqa: ANN001
+    def chat(self, messages, *, model=None, **params) -> UpstreamReply:
         self.calls.append(list(messages))
         if self.fail:
             raise UpstreamError("upstream http://127.0.0.1:9 unreachable: connection refused", 502)
         return UpstreamReply(generic_answer(messages[-1]["content"]), "fake")
 
 
-def seed(store, profile: str = "alice") -> None:  # noqa: ANN001
+def seed(store, profile: str = "alice") -> None:
     store.add_items(profile, [{"text": t, "kind": "chat", "source": "sample"} for t in SAMPLE_ITEMS])
 
 
-def make_app(store, engine, *, upstream=None, profile: str = "alice", **kwargs):  # noqa: ANN001, ANN201
+def make_app(store, engine, *, upstream=None, profile: str = "alice", **kwargs):
     from rpo_local.reflect import Reflector
     from rpo_local.tui.app import ChatApp
     from rpo_local.tui.pipeline import ChatPipeline
@@ -57,14 +57,14 @@ def make_app(store, engine, *, upstream=None, profile: str = "alice", **kwargs):
     return ChatApp(pipeline, cursor_blink=False, **kwargs)
 
 
-async def settle(app, pilot) -> None:  # noqa: ANN001
+async def settle(app, pilot) -> None:
     """Wait for every worker, then for the UI to process what they sent."""
     await app.workers.wait_for_complete()
     await pilot.pause()
     await pilot.pause()
 
 
-async def send(app, pilot, text: str) -> None:  # noqa: ANN001
+async def send(app, pilot, text: str) -> None:
     from textual.widgets import TextArea
 
     app.screen.query_one("#prompt", TextArea).text = text
@@ -73,9 +73,9 @@ async def send(app, pilot, text: str) -> None:  # noqa: ANN001
 
 
 class _Handler(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body)  # type: ignore[attr-defined]
+        self.server.requests.append(body)
         reply = {
             "model": "loopback",
             "choices": [{"message": {"role": "assistant", "content": generic_answer(body["messages"][-1]["content"])}}],
@@ -88,7 +88,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def log_message(self, *args) -> None:  # noqa: ANN002 - keep test output clean
+    def log_message(self, *args) -> None:
         pass
 
 
@@ -96,11 +96,11 @@ class _Handler(BaseHTTPRequestHandler):
 def loopback_upstream() -> Iterator[tuple[str, list[dict]]]:
     """A real OpenAI-compatible HTTP server on 127.0.0.1; yields (base URL, received bodies)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.requests = []  # type: ignore[attr-defined]
+    server.requests = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}/v1", server.requests  # type: ignore[attr-defined]
+        yield f"http://127.0.0.1:{server.server_port}/v1", server.requests
     finally:
         server.shutdown()
         server.server_close()

@@ -25,8 +25,8 @@ from rpo_local.config import load_config
 from rpo_local.engine import open_engine
 from rpo_local.reflect import Reflector
 from rpo_local.retrieve import retrieve
-from rpo_local.text import content_kept
 from rpo_local.store import Store, digest
+from rpo_local.text import content_kept
 from rpo_local.training import dataset
 from rpo_local.training.rl import rouge1_reward
 

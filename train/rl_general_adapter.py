@@ -132,7 +132,7 @@ def examples(args: argparse.Namespace, model_path: Path) -> tuple[list, list, li
     what is learned. The --val users are neither sampled nor trained on."""
     paths = [args.run_dir / f"{name}.jsonl" for name in ("lamp", "augment", "val")]
     if all(p.exists() for p in paths):
-        return tuple(dataset.read_jsonl(p) for p in paths)  # type: ignore[return-value]
+        return tuple(dataset.read_jsonl(p) for p in paths)
     rows = dataset.read_lamp(args.lamp, skip=dataset.EVAL_USERS + args.offset, limit=args.examples)
     held = {str(row["id"]) for row in rows[len(rows) - args.val:]} if args.val else set()
     train_rows = [row for row in rows if str(row["id"]) not in held]

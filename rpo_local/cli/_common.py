@@ -6,12 +6,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from rpo_local.errors import InputError
 
+if TYPE_CHECKING:
+    from rpo_local.store import Store
 
 
 def _valid_profile(value: str | None) -> str | None:
@@ -87,8 +89,8 @@ def read_input(path: Path | None, *, what: str = "text") -> str:
     return decode_input(sys.stdin.buffer.read(), "stdin")
 
 
-def open_store():  # noqa: ANN201 - avoids importing the store module at CLI start-up
-    from rpo_local.store import Store
+def open_store() -> Store:
+    from rpo_local.store import Store  # here: the CLI starts without the store module
 
     return Store.open()
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rpo_local.cli._common import JsonOpt, ProfileOpt, note, open_store, print_json, profile_name
+
+if TYPE_CHECKING:
+    from rpo_local.store import Store
 
 app = typer.Typer(help="List, activate, roll back and remove LoRA adapters.", no_args_is_help=True)
 
@@ -20,7 +23,7 @@ def _builtin_entries() -> list[dict]:
             for name, path in builtins_for()]
 
 
-def _in_use(store, profile: str) -> str | None:  # noqa: ANN001 - Store
+def _in_use(store: Store, profile: str) -> str | None:
     """The name of the adapter `profile` runs with now (None: the bare base model)."""
     from rpo_local.adapters import builtin_for
 
@@ -93,7 +96,7 @@ def _recorded_base(path: Path) -> str | None:
     return str(base) if base else None
 
 
-def _builtin_row(store, name: str) -> dict:  # noqa: ANN001 - Store
+def _builtin_row(store: Store, name: str) -> dict:
     """A shipped adapter as a registry row (registered on first explicit use, so that
     activations and rollbacks can refer to it)."""
     from rpo_local.adapters import BUILTINS, asset_path

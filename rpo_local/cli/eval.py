@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,6 +15,10 @@ from rpo_local.cli._common import JsonOpt, note, print_json
 from rpo_local.errors import EXIT_INTERRUPTED, InputError
 from rpo_local.extras import require
 from rpo_local.lamp import MAX_ANSWER_TOKENS
+
+if TYPE_CHECKING:
+    from rpo_local.engine import Engine
+    from rpo_local.evaluate import EvalReport
 
 ALL_METHODS = "copy,base,context,rpo,rpo+adapter"
 
@@ -119,7 +123,7 @@ def _build_replies(dataset, engine, offset: int, limit: int | None, total: int, 
 
 
 
-def _open_engine(model: Path | None):  # noqa: ANN202 - keeps llama_cpp out of CLI start-up
+def _open_engine(model: Path | None) -> Engine:
     from rpo_local.engine import open_engine
 
     return open_engine(model=model)
@@ -153,7 +157,14 @@ def _progress(total: int, quiet: bool) -> Iterator:
         yield line
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(
         TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("users"),
@@ -164,7 +175,7 @@ def _progress(total: int, quiet: bool) -> Iterator:
         yield lambda done, _total: bar.update(job, completed=done)
 
 
-def _write_outputs(report, predictions_dir: Path | None, plot: Path | None, json_out: bool, quiet: bool) -> None:  # noqa: ANN001
+def _write_outputs(report: EvalReport, predictions_dir: Path | None, plot: Path | None, json_out: bool, quiet: bool) -> None:
     doc = report.to_dict(per_user=json_out)
     if predictions_dir is not None:
         written = report.write_predictions(predictions_dir)

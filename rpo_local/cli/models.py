@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rpo_local.cli._common import JsonOpt, note, open_store, print_json
+
+if TYPE_CHECKING:
+    from rpo_local.store import Store
 
 app = typer.Typer(help="Register, list, choose and remove GGUF models.", no_args_is_help=True)
 
 ROLES = {"reflect": "model", "upstream": "upstream_local_model"}  # role -> config key
 
 
-def _entries(store) -> list[dict]:  # noqa: ANN001 - Store
+def _entries(store: Store) -> list[dict]:
     from rpo_local.config import load_config
     from rpo_local.models import EMBEDDED_NAME, embedded_model_path
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rpo_local.cli._common import JsonOpt, ProfileOpt, note, print_json, read_input
+
+if TYPE_CHECKING:
+    from rpo_local.reflect import Reflector, RewriteResult
 
 
 def rewrite(
@@ -70,7 +74,8 @@ def _stdout_sink(text: str) -> None:
     sys.stdout.flush()
 
 
-def _rewrite_to_file(reflector, text, profile, output: Path, stream, log, on_note):  # noqa: ANN001, ANN202
+def _rewrite_to_file(reflector: Reflector, text: str, profile: str, output: Path, stream: bool, log: bool,
+                     on_note: Callable[[str], None] | None) -> RewriteResult:
     """Stream into a temporary file beside OUTPUT, renamed over it only when complete."""
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")

@@ -21,7 +21,12 @@ from rpo_local.fsutil import atomic_write_text
 from rpo_local.retrieve import retrieve
 from rpo_local.store import Store, digest
 from rpo_local.training.dataset import (
-    MIN_TARGET_KEPT, Example, clean_paraphrase, is_rewrite, lamp_generic, make_example,
+    MIN_TARGET_KEPT,
+    Example,
+    clean_paraphrase,
+    is_rewrite,
+    lamp_generic,
+    make_example,
 )
 
 

@@ -265,7 +265,7 @@ def read_lamp(path: Path, *, skip: int = 0, limit: int | None = None) -> list[di
             continue
         try:
             row = json.loads(line)
-            row["input"], row["output"], row["profile"]  # noqa: B018 - validate the shape
+            row["input"], row["output"], row["profile"]  # the shape checked: KeyError, TypeError
         except (json.JSONDecodeError, KeyError, TypeError):
             raise InputError(f"{path}:{n}: not a LaMP row with input/output/profile") from None
         rows.append(row)

@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -226,8 +226,9 @@ def run_auto(
                          on_step=on_step, progress=False, note=note, engine=None, rl_cfg=None)
 
 
-def _recorded(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_step, progress, note,
-              engine, rl_cfg) -> Outcome:
+def _recorded(store: Store, profile: str, cfg: SFTConfig, lamp: Path | None, lamp_users: int,
+              start_from_current: bool, config: Config, on_step: Sink | None, progress: bool,
+              note: Callable[[str], None], engine: Engine | None, rl_cfg: RLConfig | None) -> Outcome:
     """One run with its train_runs row; the caller holds the profile's lock."""
     run = Run(store, profile, "rl" if rl_cfg else "sft", own_texts=lamp is None)
     try:
@@ -253,7 +254,7 @@ def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_s
     engine = engine or open_engine(config)
     model_path = engine.model_path
     kind = "rl" if rl_cfg else "sft"
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     stem = file_stem(profile)  # never the raw name: it must not reach outside runs/ or adapters/
     name = f"{stem}-{kind}-{stamp}"
     # One working directory per profile, source and stage: an interrupted run's checkpoint is
