@@ -16,10 +16,12 @@ from rpo_local.errors import AdapterMismatch, ModelError
 if TYPE_CHECKING:
     from rpo_local.store import Store
 
+_SMOLLM2 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # SmolLM2-135M Q4_1
 # Shipped adapters: name -> (file in rpo_local/assets, sha256 of the base GGUF it was trained on).
+# The first one for a base is its default; the others are activated by name.
 BUILTINS = {
-    "builtin-lamp7": ("reflect-lamp7.lora.gguf",
-                      "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),  # SmolLM2-135M Q4_1
+    "builtin-lamp7": ("reflect-lamp7.lora.gguf", _SMOLLM2),  # full trajectory
+    "builtin-lamp7-answer": ("reflect-lamp7-answer.lora.gguf", _SMOLLM2),  # answer only: 3x fewer tokens
 }
 BUILTIN_NAME = "builtin-lamp7"  # the embedded model's
 
@@ -35,19 +37,23 @@ def configured_model_path() -> Path:
     return resolve_model_path(load_config().model or None)
 
 
-def builtin_for(model_path: Path | None = None) -> tuple[str, Path] | None:
-    """(name, file) of the shipped adapter for `model_path` (default: the configured
-    reflection model), or None when none was trained for it."""
+def builtins_for(model_path: Path | None = None) -> list[tuple[str, Path]]:
+    """(name, file) of each shipped adapter for `model_path` (default: the configured
+    reflection model), its default first."""
     from rpo_local.models import sha256
 
     model_path = model_path or configured_model_path()
     if not Path(model_path).is_file():  # a fake engine's model, or a file gone since
-        return None
+        return []
     digest = sha256(model_path)
-    for name, (file, base) in BUILTINS.items():
-        if base == digest and asset_path(file).is_file():
-            return name, asset_path(file)
-    return None
+    return [(name, asset_path(file)) for name, (file, base) in BUILTINS.items()
+            if base == digest and asset_path(file).is_file()]
+
+
+def builtin_for(model_path: Path | None = None) -> tuple[str, Path] | None:
+    """The default shipped adapter for `model_path`, or None when none was trained for it."""
+    found = builtins_for(model_path)
+    return found[0] if found else None
 
 
 def builtin_adapter_path(model_path: Path | None = None) -> Path | None:

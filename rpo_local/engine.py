@@ -52,7 +52,14 @@ class Engine(Protocol):
         temperature: float = 0.0,
         seed: int = 0,
         result: Completion | None = None,
-    ) -> Iterator[str]: ...
+        draft: str | None = None,
+    ) -> Iterator[str]:
+        """Generate from `prompt`, yielding text pieces (the stop string excluded).
+
+        `draft`: text the output is expected to copy much of (the reply being rewritten); greedy
+        decoding then verifies tokens drafted from it in batches. The output is the same.
+        """
+        ...
 
     def set_adapter(self, path: Path | None, scale: float = 1.0) -> None: ...
 
@@ -72,6 +79,24 @@ def backend_name() -> str:
     return "GPU"
 
 
+def batch_invariant() -> bool:
+    """Does this llama.cpp build compute a token's logits bit for bit the same whether it is
+    decoded alone or in a batch? Only then is speculative decoding exactly greedy decoding.
+
+    On a CPU, llamafile's tinyBLAS (GGML_LLAMAFILE, on by default) takes the matrix products of
+    batches of 2+ tokens and ggml's dot products single tokens; the sums round differently, the
+    int8 re-quantization of activations amplifies that, and logits differ by up to ~1 (measured
+    on SmolLM2-135M: the greedy token changed at 7% of positions). GPU kernels and ARM's int8
+    matrix instructions also depend on the batch size.
+    """
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        return False
+    info = llama_cpp.llama_print_system_info().decode(errors="replace").replace(" ", "").upper()
+    return "LLAMAFILE=1" not in info and "MATMUL_INT8=1" not in info
+
+
 def default_threads() -> int:
     """Generation threads: llama-cpp-python's default (half the logical CPUs) leaves one of two
     cores idle on a small laptop (50 vs 76 tok/s measured on 2 cores); above four CPUs, half
@@ -89,6 +114,7 @@ class LlamaEngine:
         n_threads: int = 0,
         seed: int = 0,
         adapter_path: Path | None = None,
+        speculative: bool = True,
     ) -> None:
         import llama_cpp
 
@@ -97,6 +123,9 @@ class LlamaEngine:
         self.n_ctx = n_ctx
         self.lock = threading.RLock()
         self.backend = backend_name()
+        self.batch_invariant = batch_invariant()
+        # Drafts are verified only where that gives exactly the greedy output (see batch_invariant).
+        self.speculative = speculative and self.batch_invariant
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(model_path),
@@ -108,6 +137,10 @@ class LlamaEngine:
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"cannot load model {model_path}: {exc}") from None
+        from rpo_local.speculative import DecodeStats, GreedyDecoder
+
+        self.decode_stats = DecodeStats()
+        self._decoder = GreedyDecoder(self.llm, self.decode_stats)
         self._adapters: dict[Path, object] = {}  # loaded once, kept for hot-swapping
         self.adapter_path: Path | None = None
         self.adapter_format: str | None = None  # the trajectory format the adapter was trained on
@@ -132,36 +165,81 @@ class LlamaEngine:
         temperature: float = 0.0,
         seed: int = 0,
         result: Completion | None = None,
+        draft: str | None = None,
     ) -> Iterator[str]:
         result = result if result is not None else Completion()
         with self.lock:
-            result.prompt_tokens = self.count_tokens(prompt)
-            start = time.perf_counter()
-            first = None
-            chunks = self.llm.create_completion(
-                prompt,
-                max_tokens=max_tokens,
-                stop=stop,
-                temperature=temperature,
-                seed=seed,
-                stream=True,
-            )
-            try:
-                for chunk in chunks:
-                    choice = chunk["choices"][0]
-                    if first is None:
-                        first = time.perf_counter()
-                    text = choice.get("text") or ""
-                    if text:
-                        result.completion_tokens += 1
-                        result.text += text
-                        yield text
-                    if choice.get("finish_reason"):
-                        result.finish_reason = choice["finish_reason"]
-            finally:  # also when the caller stops early (GeneratorExit)
-                end = time.perf_counter()
-                result.prompt_s = (first or end) - start
-                result.gen_s = end - (first or end)
+            if temperature > 0:
+                yield from self._sample(prompt, max_tokens, stop, temperature, seed, result)
+            else:
+                yield from self._greedy(prompt, max_tokens, stop, draft, result)
+
+    def _greedy(self, prompt: str, max_tokens: int, stop: list[str], draft: str | None, result: Completion) -> Iterator[str]:
+        """Greedy decoding on the batch API (speculative with a draft); the same text as
+        `Llama.create_completion` at temperature 0, stop strings and end of turn included."""
+        from rpo_local.speculative import Drafter, StopText
+
+        decoder = self._decoder
+        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        if len(tokens) >= self.n_ctx:
+            raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self.n_ctx}")
+        max_tokens = min(max_tokens, self.n_ctx - len(tokens)) if max_tokens > 0 else self.n_ctx - len(tokens)
+        source = self.llm.tokenize(draft.encode("utf-8"), add_bos=False, special=False) if draft else []
+        text = StopText(stop)
+        result.prompt_tokens = self.count_tokens(prompt)
+        result.finish_reason = "length"
+        start = time.perf_counter()
+        first = None
+        try:
+            drafter = Drafter(source) if source and self.speculative else None
+            for token in decoder.generate(tokens, max_tokens, drafter):
+                first = first or time.perf_counter()
+                if decoder.is_eog(token):
+                    result.finish_reason = "stop"
+                    break
+                result.completion_tokens += 1
+                piece = text.feed(decoder.piece(token))
+                if piece:
+                    result.text += piece
+                    yield piece
+                if text.stopped:
+                    result.finish_reason = "stop"
+                    return
+            rest = text.flush()
+            if rest:
+                result.text += rest
+                yield rest
+        finally:  # also when the caller stops early (GeneratorExit)
+            end = time.perf_counter()
+            result.prompt_s = (first or end) - start
+            result.gen_s = end - (first or end)
+
+    def _sample(
+        self, prompt: str, max_tokens: int, stop: list[str], temperature: float, seed: int, result: Completion
+    ) -> Iterator[str]:
+        """Sampling (training rollouts): llama-cpp-python's own completion loop."""
+        result.prompt_tokens = self.count_tokens(prompt)
+        start = time.perf_counter()
+        first = None
+        chunks = self.llm.create_completion(
+            prompt, max_tokens=max_tokens, stop=stop, temperature=temperature, seed=seed, stream=True
+        )
+        try:
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                if first is None:
+                    first = time.perf_counter()
+                text = choice.get("text") or ""
+                if text:
+                    result.completion_tokens += 1
+                    result.text += text
+                    yield text
+                if choice.get("finish_reason"):
+                    result.finish_reason = choice["finish_reason"]
+        finally:  # also when the caller stops early (GeneratorExit)
+            end = time.perf_counter()
+            result.prompt_s = (first or end) - start
+            result.gen_s = end - (first or end)
 
     def set_adapter(self, path: Path | None, scale: float = 1.0) -> None:
         """Switch the LoRA adapter in place: the base model stays loaded."""
@@ -192,6 +270,7 @@ class LlamaEngine:
             "model_bytes": self.model_path.stat().st_size,
             "adapter": str(self.adapter_path) if self.adapter_path else None,
             "n_ctx": self.n_ctx,
+            "speculative": self.speculative,
         }
 
 

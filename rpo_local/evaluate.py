@@ -78,6 +78,8 @@ class MethodOutput:
     fallback_reason: str | None = None
     rouge1: float = 0.0
     rougeL: float = 0.0
+    pieces: int | None = None  # rewrite methods only: pieces of the reply, and how many were rewritten
+    pieces_rewritten: int | None = None
 
 
 @dataclass
@@ -96,25 +98,24 @@ class MethodSummary:
     latency_s: float | None
     gen_tokens: float | None
     fallback_share: float | None  # None for methods that do not rewrite
-    # ROUGE-1 minus copy's on the same users, with its 95% bootstrap interval over users
-    vs_copy: float | None = None
-    vs_copy_ci: tuple[float, float] | None = None
+    pieces_rewritten_share: float | None = None  # over all users' pieces
+    latency_per_piece_s: float | None = None
+    # Paired difference to `copy` over users: (mean, 95% bootstrap interval low, high).
+    rouge1_vs_copy: tuple[float, float, float] | None = None
+    rougeL_vs_copy: tuple[float, float, float] | None = None
 
 
-BOOTSTRAP_SAMPLES = 2000
-
-
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, samples: int = BOOTSTRAP_SAMPLES,
-                     seed: int = 0) -> tuple[float, tuple[float, float]]:
-    """Mean of a - b over paired users, and the 95% percentile interval of that mean when the
-    users are resampled with replacement (seeded: two runs print the same interval)."""
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], *, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of a - b over paired samples and its 95% percentile bootstrap interval."""
     import random
 
     diffs = [x - y for x, y in zip(a, b, strict=True)]
     n = len(diffs)
     rng = random.Random(seed)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
-    return sum(diffs) / n, (means[int(0.025 * samples)], means[int(0.975 * samples) - 1])
+    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(resamples))
+    return sum(diffs) / n, means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
 @dataclass
@@ -159,9 +160,14 @@ class EvalReport:
             sum(o.rouge1 for o in outs) / n, sum(o.rougeL for o in outs) / n,
             sum(o.latency_s for o in outs) / n, sum(o.gen_tokens for o in outs) / n, share,
         )
+        pieces = sum(o.pieces or 0 for o in outs)
+        if pieces:
+            summary.pieces_rewritten_share = sum(o.pieces_rewritten or 0 for o in outs) / pieces
+            summary.latency_per_piece_s = sum(o.latency_s for o in outs) / pieces
         if method != "copy" and "copy" in self.methods:
-            diff, ci = paired_bootstrap([o.rouge1 for o in outs], [u.outputs["copy"].rouge1 for u in self.users])
-            summary.vs_copy, summary.vs_copy_ci = round(diff, 4), (round(ci[0], 4), round(ci[1], 4))
+            copies = [u.outputs["copy"] for u in self.users]
+            summary.rouge1_vs_copy = paired_bootstrap([o.rouge1 for o in outs], [c.rouge1 for c in copies])
+            summary.rougeL_vs_copy = paired_bootstrap([o.rougeL for o in outs], [c.rougeL for c in copies])
         return summary
 
     def to_dict(self, *, per_user: bool = False) -> dict:
@@ -202,15 +208,15 @@ class EvalReport:
             f"model {self.model}" + (f", adapter {Path(self.adapter).name}" if self.adapter else "")
             + f", wall {_duration(self.wall_s)}",
             "",
-            "| method | ROUGE-1 | ROUGE-1 vs copy (95% CI) | ROUGE-L | latency (s) | gen. tokens | fallback |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| method | ROUGE-1 | ROUGE-L | latency (s) | gen. tokens | fallback | pieces rewritten "
+            "| s per piece | ROUGE-1 vs copy (95% CI) | ROUGE-L vs copy (95% CI) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in self.summaries():
-            paired = (f"{s.vs_copy:+.4f} ({s.vs_copy_ci[0]:+.4f}, {s.vs_copy_ci[1]:+.4f})"
-                      if s.vs_copy is not None and s.vs_copy_ci else "–")
             lines.append(
-                f"| {s.method} | {_num(s.rouge1, 4)} | {paired} | {_num(s.rougeL, 4)} | {_num(s.latency_s, 2)} "
-                f"| {_num(s.gen_tokens, 1)} | {_pct(s.fallback_share)} |"
+                f"| {s.method} | {_num(s.rouge1, 4)} | {_num(s.rougeL, 4)} | {_num(s.latency_s, 2)} "
+                f"| {_num(s.gen_tokens, 1)} | {_pct(s.fallback_share)} | {_pct(s.pieces_rewritten_share)} "
+                f"| {_num(s.latency_per_piece_s, 2)} | {_interval(s.rouge1_vs_copy)} | {_interval(s.rougeL_vs_copy)} |"
             )
         return "\n".join(lines)
 
@@ -255,6 +261,10 @@ def _num(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _interval(value: tuple[float, float, float] | None) -> str:
+    return "–" if value is None else f"{value[0]:+.4f} [{value[1]:+.4f}, {value[2]:+.4f}]"
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f}%"
 
@@ -282,9 +292,12 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
     return out
 
 
+GENERIC_INPUT_TASKS = ("LaMP_7", "LaMP_7_replies")  # whose input holds a generic text
+
+
 def default_rpo_input(task: str) -> str:
     """LaMP-7's input holds a generic text (the neutral paraphrase); the other tasks' do not."""
-    return "input" if task == "LaMP_7" else "base"
+    return "input" if task in GENERIC_INPUT_TASKS else "base"
 
 
 def check_options(
@@ -297,8 +310,10 @@ def check_options(
     rpo_input = rpo_input or default_rpo_input(task)
     if rpo_input not in RPO_INPUTS:
         raise InputError(f"--rpo-input must be one of {', '.join(RPO_INPUTS)}")
-    if rpo_input == "input" and task != "LaMP_7":
+    if rpo_input == "input" and task not in GENERIC_INPUT_TASKS:
         raise InputError(f"{task}'s input is a task, not a generic text: use --rpo-input base")
+    if task == "LaMP_7_replies" and (rpo_input != "input" or {"base", "context"} & set(methods)):
+        raise InputError("the replies task rewrites its generic replies: use methods copy, rpo, rpo+adapter")
     if "rpo+adapter" in methods and adapter is None:
         raise InputError("method rpo+adapter needs an adapter (--adapter NAME|PATH)")
     return methods, rpo_input
@@ -545,4 +560,5 @@ class _Runner:
         return MethodOutput(
             result.rewrite.strip(), time.perf_counter() - start, result.completion_tokens,
             result.fallback, result.fallback_reason,
+            pieces=len(result.pieces), pieces_rewritten=sum(p.rewritten for p in result.pieces),
         )

@@ -38,6 +38,8 @@ TASKS = {
     "LaMP_4": TaskSpec("LaMP_4", ("title", "text"), "article:", "post"),
     "LaMP_5": TaskSpec("LaMP_5", ("title", "abstract"), "paper:", "other"),
     "LaMP_7": TaskSpec("LaMP_7", ("text",), ":", "tweet"),
+    # Whole replies built from LaMP-7 users (rpo_local.replies): the input is the generic reply.
+    "LaMP_7_replies": TaskSpec("LaMP_7_replies", ("text",), "", "tweet"),
 }
 
 
@@ -61,7 +63,7 @@ def normalize_task(task: str | int) -> str:
     """'7', 'LaMP-7', 'lamp_7', 'LaMP_7' → 'LaMP_7' (tasks 4, 5 and 7 only)."""
     number = re.sub(r"(?i)^lamp[-_ ]?", "", str(task).strip())
     name = f"LaMP_{number}"
-    if name not in TASKS:
+    if name not in TASKS or not number.isdigit():
         raise InputError(f"LaMP task {task!r} is not supported; use one of 4, 5, 7 (the generation tasks)")
     return name
 

@@ -1,21 +1,22 @@
 """Reflection: rewrite a generic reply in the user's style (the RPO post-hoc rewrite).
 
-For each rewrite: retrieve the profile's most relevant items, prompt the reflection model for
-a structured trajectory, parse it, and keep the generic reply whenever the model gives no
-usable answer. Generation runs in two phases sharing one KV cache: the analysis sections up
-to `<answer>`, then the answer, which is streamed as it is generated.
+A reply is split into pieces (`rpo_local.segment`: sentences of its paragraphs, list items and
+headings; code, tables, markup and whitespace stay verbatim). For each piece, in order: retrieve
+the profile's most relevant items, prompt the reflection model for a structured trajectory, parse
+it, check the answer, and keep the piece's generic text whenever the model gives no usable answer.
+Generation runs in two phases sharing one KV cache: the analysis sections up to `<answer>`, then
+the answer. Each piece is passed to `on_text` once it is done, verbatim text at once.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from rpo_local import prompts
+from rpo_local import prompts, segment
 from rpo_local.config import Config, load_config
 from rpo_local.engine import Completion
 from rpo_local.retrieve import retrieve
@@ -26,9 +27,8 @@ if TYPE_CHECKING:
     from rpo_local.store import Store
 
 TextSink = Callable[[str], None]
-# Streamed answers trail generation by this many characters, so a loop caught by
-# `prompts.loop_cut` is dropped before it is printed (about 15 tokens, ~0.15 s).
-STREAM_LAG = 64
+NOTHING_TO_REWRITE = "nothing to rewrite (no sentence with words a rewrite could change)"
+TIME_BUDGET = "the time budget ran out before this piece"
 
 
 @dataclass
@@ -45,13 +45,31 @@ class ChunkResult:
 
 
 @dataclass
+class PieceResult:
+    """One piece of a reply: where it is in the input, and what replaced it."""
+
+    start: int
+    end: int
+    input: str  # the exact text of the input at start:end
+    output: str  # the rewrite, or `input` unchanged
+    rewritten: bool
+    reason: str | None  # why it was not rewritten
+    retrieved_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_s: float = 0.0
+    gen_s: float = 0.0
+    latency_s: float = 0.0
+
+
+@dataclass
 class RewriteResult:
     profile: str
     input: str
-    rewrite: str  # always usable: the generic text wherever the model gave no answer
+    rewrite: str  # always usable: the input byte for byte wherever no rewrite was accepted
     fallback: bool  # True when no part of the rewrite came from the model
     fallback_reason: str | None
-    trajectory: dict | list[dict]
+    trajectory: dict | list[dict]  # one piece: its trajectory; else one per piece
     retrieved: list[dict]
     model: str
     adapter: str | None
@@ -62,6 +80,7 @@ class RewriteResult:
     total_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     interaction_id: int | None = None
+    pieces: list[PieceResult] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,8 +104,11 @@ class Reflector:
         on_text: TextSink | None = None,
         on_note: TextSink | None = None,
         source: str = "api",
+        deadline: float | None = None,
     ) -> RewriteResult:
-        """Rewrite `generic` for `profile`. `on_text` receives the rewrite as it is produced."""
+        """Rewrite `generic` for `profile`, piece by piece. `on_text` receives the result in order
+        as it is produced: verbatim text at once, each piece when it is done. Pieces not started
+        by `deadline` (time.monotonic) keep their generic text."""
         profile = profile or self.config.profile
         k = self.config.k if k is None else k
         start = time.perf_counter()
@@ -99,21 +121,31 @@ class Reflector:
 
         if self.store is not None:
             self.store.get_profile(profile)  # unknown profile: fail before any model work
-        pieces = self._split(generic)
-        if len(pieces) > 1:
-            note(f"input is longer than the model's context allows; rewriting it in {len(pieces)} chunks")
-        chunks: list[ChunkResult] = []
+        segments = segment.split(generic)
+        total = sum(s.prose for s in segments)
+        if total > 1:
+            note(f"rewriting {total} pieces in order")
+        pieces: list[PieceResult] = []
+        trajectories: list[dict] = []
         retrieved: dict[int, dict] = {}
+        out: list[str] = []
+        pos = 0
         with self.engine.lock:
-            for i, (piece, sep) in enumerate(pieces):
-                items = retrieve(self.store, profile, piece, k) if self.store is not None and k else []
-                for item in items:
-                    retrieved.setdefault(item["id"], item)
-                chunk = self._rewrite_chunk(piece, [it["text"] for it in items], on_text, note)
-                chunks.append(chunk)
-                if on_text and sep and i < len(pieces) - 1:
-                    on_text(sep)
-        result = self._combine(profile, generic, pieces, chunks, list(retrieved.values()), notes)
+            for seg in segments:
+                text = seg.text
+                if seg.prose:
+                    piece, traj = self._next_piece(seg, pos, profile, k, deadline, retrieved)
+                    if piece.reason:
+                        where = f"piece {len(pieces) + 1}/{total}: " if total > 1 else ""
+                        note(f"{where}no usable rewrite ({piece.reason}); keeping the generic text")
+                    pieces.append(piece)
+                    trajectories.append(traj)
+                    text = piece.output
+                out.append(text)
+                if on_text and text:
+                    on_text(text)
+                pos += len(seg.text)
+        result = self._combine(profile, generic, "".join(out), pieces, trajectories, list(retrieved.values()), notes)
         result.total_s = time.perf_counter() - start
         if log and self.store is not None:
             result.interaction_id = self.store.record_interaction(
@@ -137,7 +169,7 @@ class Reflector:
         """Rewrite a short text with the given context items: no retrieval, nothing recorded
         (held-out evaluation, where the target must not be retrieved as its own context)."""
         with self.engine.lock:
-            return self._rewrite_chunk(generic, items, None, lambda _msg: None, fmt)
+            return self._rewrite_chunk(generic, items, fmt)
 
     def trajectory_format(self) -> str:
         """The configured trajectory format; "auto": the one the adapter was trained on."""
@@ -151,7 +183,64 @@ class Reflector:
         runtimes may not)."""
         return [*stops, prompts.end_of_turn(self.engine.chat_template())]
 
-    # -- one chunk ------------------------------------------------------------------------------
+    # -- one piece ------------------------------------------------------------------------------
+
+    def _next_piece(
+        self, seg: segment.Segment, pos: int, profile: str, k: int, deadline: float | None,
+        retrieved: dict[int, dict],
+    ) -> tuple[PieceResult, dict]:
+        """The next piece: retrieval for it (collected in `retrieved`), then its rewrite."""
+        if deadline is not None and time.monotonic() > deadline:
+            piece = PieceResult(pos, pos + len(seg.text), seg.text, seg.text, False, TIME_BUDGET)
+            return piece, {"piece": seg.plain, "rewritten": False, "problem": TIME_BUDGET}
+        items = retrieve(self.store, profile, seg.plain, k) if self.store is not None and k else []
+        for item in items:
+            retrieved.setdefault(item["id"], item)
+        return self._rewrite_piece(seg, pos, items, profile)
+
+    def _rewrite_piece(
+        self, seg: segment.Segment, pos: int, items: list[dict], profile: str
+    ) -> tuple[PieceResult, dict]:
+        """Rewrite one piece; its generic text stays wherever the answer is refused."""
+        begin = time.perf_counter()
+        piece = PieceResult(pos, pos + len(seg.text), seg.text, seg.text, False, None,
+                            [it["id"] for it in items])
+        texts = [it["text"] for it in items]
+        if not self._fits(seg.plain):
+            piece.reason = "the piece is too long for the model's context"
+            return piece, {"piece": seg.plain, "rewritten": False, "problem": piece.reason}
+        chunk = self._rewrite_chunk(seg.plain, texts)
+        answer = " ".join(chunk.output.split())
+        reason = chunk.reason if chunk.fallback else (
+            segment.refusal(seg, answer) or self._copied_history(answer, seg.plain, texts, profile)
+        )
+        if reason is None and answer != seg.plain:
+            piece.output, piece.rewritten = answer, True
+        elif reason is None:
+            reason = "the rewrite is the generic text"
+        piece.reason = reason
+        piece.prompt_tokens, piece.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        piece.prompt_s, piece.gen_s = chunk.prompt_s, chunk.gen_s
+        piece.latency_s = time.perf_counter() - begin
+        traj = {**chunk.trajectory, "piece": seg.plain, "rewritten": piece.rewritten, "problem": reason}
+        return piece, traj
+
+    def _fits(self, text: str) -> bool:
+        prompt = prompts.reflection_prompt(self.engine.chat_template(), text, [], self.trajectory_format())
+        need = self.engine.count_tokens(prompt) + self.config.trajectory_tokens + self._answer_budget(text)
+        return need <= self.engine.n_ctx
+
+    def _copied_history(self, answer: str, generic: str, items: list[str], profile: str) -> str | None:
+        """An answer that is one of the user's history items, word for word, is not a rewrite."""
+        norm = " ".join(answer.lower().split())
+        if norm == " ".join(generic.lower().split()):
+            return None
+        copied = any(norm == " ".join(t.lower().split()) for t in items)
+        if not copied and self.store is not None:
+            copied = self.store.has_item_text(profile, answer)
+        return "the answer is a history item copied verbatim" if copied else None
+
+    # -- one model call -------------------------------------------------------------------------
 
     def _fit_items(self, generic: str, items: list[str], fmt: str) -> tuple[str, list[str]]:
         """The prompt with as many retrieved items as the context leaves room for."""
@@ -166,9 +255,7 @@ class Reflector:
     def _answer_budget(self, generic: str) -> int:
         return max(48, 2 * self.engine.count_tokens(generic) + 32)
 
-    def _rewrite_chunk(
-        self, generic: str, items: list[str], on_text: TextSink | None, note: TextSink, fmt: str | None = None
-    ) -> ChunkResult:
+    def _rewrite_chunk(self, generic: str, items: list[str], fmt: str | None = None) -> ChunkResult:
         fmt = fmt or self.trajectory_format()
         prompt, _ = self._fit_items(generic, items, fmt)
         prefix = prompts.assistant_prefix(fmt)
@@ -178,11 +265,11 @@ class Reflector:
             analysis, text = self._analyse(prompt)
             raw = prefix + text
             if analysis.finish_reason == "stop":  # end of turn with no answer at all
-                return self._fallback(generic, prompts.parse_trajectory(raw), analysis, None, on_text, note)
+                return self._fallback(generic, prompts.parse_trajectory(raw), analysis, None)
             if analysis.finish_reason != "answer":
                 raw += "\n"  # out of budget or looping: close the analysis so the model still answers
         raw += prompts.ANSWER_OPEN
-        answer, streamer, looped = self._answer(prompt + raw[len(prefix):], generic, on_text)
+        answer, streamer, looped = self._answer(prompt + raw[len(prefix):], generic)
         if looped is not None:
             body, truncated = streamer.answer[:looped], False
         else:
@@ -190,15 +277,8 @@ class Reflector:
         traj = prompts.parse_trajectory(raw + body + ("" if truncated else prompts.ANSWER_CLOSE), truncated=truncated)
         if traj.answer is not None and not keeps_content(traj.answer, generic, self.config.min_content_kept):
             traj.answer, traj.problem = None, "answer drops the reply's content"
-        if traj.answer is None and on_text and streamer.emitted:
-            # Printed already (a cut-off past the streaming lag): what the reader saw is the rewrite.
-            note(f"the rewrite was cut off at {answer.completion_tokens} tokens")
-            traj.answer, traj.problem = streamer.answer[: streamer.emitted].rstrip(), None
         if traj.answer is None:
-            return self._fallback(generic, traj, analysis, answer, on_text, note)
-        rest = streamer.finish(traj.answer)
-        if rest and on_text:
-            on_text(rest)
+            return self._fallback(generic, traj, analysis, answer)
         return ChunkResult(
             generic, traj.answer, traj.to_dict(), False, None,
             analysis.prompt_tokens,
@@ -228,47 +308,28 @@ class Reflector:
                 break
         return analysis, text
 
-    def _answer(
-        self, prompt: str, generic: str, on_text: TextSink | None
-    ) -> tuple[Completion, prompts.AnswerStreamer, int | None]:
-        """Phase 2: the answer, streamed to `on_text`; stops early at a stop tag or a loop."""
+    def _answer(self, prompt: str, generic: str) -> tuple[Completion, prompts.AnswerStreamer, int | None]:
+        """Phase 2: the answer; stops early at a stop tag or a loop."""
         cfg = self.config
         answer = Completion()
-        streamer = prompts.AnswerStreamer(
-            lag=STREAM_LAG if on_text else 0,
-            gate=lambda text: keeps_content(text, generic, cfg.min_content_kept),
-        )
+        streamer = prompts.AnswerStreamer()
         looped = None
         for piece in self.engine.stream(
             prompt, max_tokens=self._answer_budget(generic), stop=self._stops(prompts.ANSWER_STOPS),
-            temperature=cfg.temperature, seed=cfg.seed, result=answer,
+            temperature=cfg.temperature, seed=cfg.seed, result=answer, draft=generic,
         ):
-            out = streamer.feed(piece)
-            if out and on_text:
-                on_text(out)
+            streamer.feed(piece)
             if streamer.done:
                 break
-            # A short answer has no business repeating itself: two copies are a loop, caught
-            # while the second copy is still within the streaming lag.
+            # A short answer has no business repeating itself: two copies are a loop.
             looped = prompts.loop_cut(streamer.answer, generic, times=2)
             if looped is not None:
-                if on_text:
-                    looped = max(looped, streamer.emitted)  # never keep less than was printed
                 break
         return answer, streamer, looped
 
     def _fallback(
-        self,
-        generic: str,
-        traj: prompts.Trajectory,
-        analysis: Completion,
-        answer: Completion | None,
-        on_text: TextSink | None,
-        note: TextSink,
+        self, generic: str, traj: prompts.Trajectory, analysis: Completion, answer: Completion | None
     ) -> ChunkResult:
-        note(f"no usable rewrite ({traj.problem}); keeping the generic text")
-        if on_text:
-            on_text(generic.strip())
         answer = answer or Completion()
         return ChunkResult(
             generic, generic.strip(), traj.to_dict(), True, traj.problem,
@@ -276,50 +337,40 @@ class Reflector:
             analysis.prompt_s + answer.prompt_s, analysis.gen_s + answer.gen_s,
         )
 
-    # -- long inputs ----------------------------------------------------------------------------
-
-    def _split(self, text: str) -> list[tuple[str, str]]:
-        """Split `text` into (piece, separator) chunks that each fit the context with room to spare."""
-        text = text.strip()
-        limit = max(64, (self.engine.n_ctx - self.config.trajectory_tokens - 400) // 3)
-        if self.engine.count_tokens(text) <= limit:
-            return [(text, "")]
-        out: list[tuple[str, str]] = []
-        for unit, sep in _units(text):
-            if out and self.engine.count_tokens(out[-1][0] + out[-1][1] + unit) <= limit:
-                prev, prev_sep = out[-1]
-                out[-1] = (prev + prev_sep + unit, sep)
-            else:
-                out.append((unit, sep))
-        return out
+    # -- the whole reply ------------------------------------------------------------------------
 
     def _combine(
-        self, profile: str, generic: str, pieces: list, chunks: list[ChunkResult],
+        self, profile: str, generic: str, text: str, pieces: list[PieceResult], trajectories: list[dict],
         retrieved: list[dict], notes: list[str],
     ) -> RewriteResult:
-        text = "".join(c.output + (sep if i < len(chunks) - 1 else "") for i, (c, (_, sep)) in enumerate(zip(chunks, pieces)))
-        failed = [c for c in chunks if c.fallback]
-        reason = None
-        if failed:
-            reason = failed[0].reason if len(chunks) == 1 else f"{len(failed)}/{len(chunks)} chunks: {failed[0].reason}"
+        kept = [p for p in pieces if not p.rewritten]
+        if not pieces:
+            reason = NOTHING_TO_REWRITE
+        elif not kept:
+            reason = None
+        elif len(pieces) == 1:
+            reason = kept[0].reason
+        else:
+            reason = f"{len(kept)}/{len(pieces)} pieces kept as they were: {kept[0].reason}"
         adapter = getattr(self.engine, "adapter_path", None)
+        trajectory: dict | list[dict] = trajectories[0] if len(trajectories) == 1 else trajectories
         return RewriteResult(
             profile=profile,
             input=generic,
             rewrite=text,
-            fallback=len(failed) == len(chunks),
+            fallback=len(kept) == len(pieces),
             fallback_reason=reason,
-            trajectory=chunks[0].trajectory if len(chunks) == 1 else [c.trajectory for c in chunks],
+            trajectory=trajectory if pieces else {"problem": reason},
             retrieved=[{"id": r["id"], "text": r["text"], "score": r.get("score")} for r in retrieved],
             model=self.engine.model_path.name,
             adapter=str(adapter) if adapter else None,
-            prompt_tokens=sum(c.prompt_tokens for c in chunks),
-            completion_tokens=sum(c.completion_tokens for c in chunks),
-            prompt_s=sum(c.prompt_s for c in chunks),
-            gen_s=sum(c.gen_s for c in chunks),
+            prompt_tokens=sum(p.prompt_tokens for p in pieces),
+            completion_tokens=sum(p.completion_tokens for p in pieces),
+            prompt_s=sum(p.prompt_s for p in pieces),
+            gen_s=sum(p.gen_s for p in pieces),
             notes=notes,
+            pieces=pieces,
         )
-
 
 def keeps_content(answer: str, generic: str, minimum: float) -> bool:
     """Does `answer` keep at least `minimum` of `generic`'s content words (a rewrite of it)?
@@ -328,23 +379,6 @@ def keeps_content(answer: str, generic: str, minimum: float) -> bool:
     content, instead of rewriting the reply.
     """
     return content_kept(answer, generic) >= minimum
-
-
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
-
-
-def _units(text: str) -> list[tuple[str, str]]:
-    """Paragraphs, then sentences, then words: the largest units a long text splits into."""
-    units: list[tuple[str, str]] = []
-    for para in re.split(r"\n\s*\n", text):
-        sentences = _SENTENCE.split(para.strip())
-        for j, sentence in enumerate(sentences):
-            words = sentence.split(" ")
-            for w_i in range(0, len(words), 200):
-                last_word_chunk = w_i + 200 >= len(words)
-                sep = " " if not last_word_chunk else (" " if j < len(sentences) - 1 else "\n\n")
-                units.append((" ".join(words[w_i:w_i + 200]), sep))
-    return units
 
 
 def print_note(msg: str) -> None:

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 DEFAULT_PORT = 8765
 MAX_BODY_BYTES = 1_000_000
+PIECE_GRACE_S = 10.0  # a piece started within the time budget may take this much longer
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 TextSink = Callable[[str], None]
 
@@ -154,7 +155,10 @@ class ReflectionWorker:
         self._queue.put(job)
         return job
 
-    def submit_rewrite(self, profile: str, generic: str, on_text: TextSink | None = None) -> Job:
+    def submit_rewrite(
+        self, profile: str, generic: str, on_text: TextSink | None = None, deadline: float | None = None
+    ) -> Job:
+        """Queue a rewrite; past `deadline` (time.monotonic) its remaining pieces keep their text."""
         from rpo_local.reflect import Reflector
 
         job = Job(lambda: None)
@@ -162,7 +166,7 @@ class ReflectionWorker:
         def run() -> RewriteResult:
             self.ensure_adapter(profile)
             reflector = Reflector(self.store, _CancellableEngine(self.engine, job.cancelled), self.config)
-            return reflector.rewrite(generic, profile, log=False, on_text=on_text, source="serve")
+            return reflector.rewrite(generic, profile, log=False, on_text=on_text, source="serve", deadline=deadline)
 
         job.run = run
         self._queue.put(job)
@@ -260,9 +264,11 @@ class Daemon:
         """Rewrite `generic` within the time budget; the generic reply whenever that fails."""
         if not generic.strip():
             return await self.finish(profile, generic, None, "the upstream reply is empty")
-        job = self.worker.submit_rewrite(profile, generic)
+        # Pieces not started within the budget keep their generic text; the piece in progress
+        # may finish (PIECE_GRACE_S), past which the whole generic reply is returned.
+        job = self.worker.submit_rewrite(profile, generic, deadline=time.monotonic() + self.budget_s)
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=self.budget_s)
+            result = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=self.budget_s + PIECE_GRACE_S)
         except (TimeoutError, asyncio.CancelledError) as exc:
             job.cancel()
             if isinstance(exc, asyncio.CancelledError):
@@ -500,10 +506,9 @@ def _usage(usage: dict) -> dict:
 
 
 async def _stream(daemon: Daemon, profile: str, reply: Any, model: str, detail: bool) -> AsyncIterator[str]:
-    """Server-sent events: the rewrite's answer as it is generated, then the rpo fields, then [DONE].
+    """Server-sent events: the reply piece by piece as it is rewritten, then the rpo fields, then [DONE].
 
-    The time budget runs until the answer starts; once text has been sent, the rewrite is
-    allowed to finish (its length is bounded by the reflection settings).
+    The time budget runs until text is sent; pieces not started within it keep their generic text.
     """
     cid, created = _completion_id(), int(time.time())
     loop = asyncio.get_running_loop()
@@ -522,7 +527,8 @@ async def _stream(daemon: Daemon, profile: str, reply: Any, model: str, detail: 
         yield "data: [DONE]\n\n"
         return
     job = daemon.worker.submit_rewrite(
-        profile, generic, on_text=lambda t: loop.call_soon_threadsafe(events.put_nowait, ("text", t))
+        profile, generic, on_text=lambda t: loop.call_soon_threadsafe(events.put_nowait, ("text", t)),
+        deadline=time.monotonic() + daemon.budget_s,
     )
     job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, ("done", "")))
     sent: list[str] = []

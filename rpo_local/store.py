@@ -202,6 +202,12 @@ class Store:
                     ids.append(cur.lastrowid)
         return ids
 
+    def has_item_text(self, profile: str, text: str) -> bool:
+        """Does `profile` hold an item with exactly this text (surrounding whitespace aside)?"""
+        pid = self.get_profile(profile).id
+        row = self.db.execute("select 1 from items where profile_id = ? and digest = ?", [pid, digest(text)]).fetchone()
+        return row is not None
+
     def list_items(
         self, profile: str, *, limit: int = 50, offset: int = 0, kind: str | None = None
     ) -> list[dict]:

@@ -25,7 +25,7 @@ Responder = Callable[[str], str]
 
 def generic_of(prompt: str) -> str:
     """The generic reply inside a reflection prompt."""
-    match = re.search(r"Generic reply:\n(.*?)<\|im_end\|>", prompt, re.S)
+    match = re.search(r"Generic reply:\n(.*?)<\|im_end\|>", prompt, re.DOTALL)
     return match.group(1).strip() if match else ""
 
 
@@ -44,6 +44,7 @@ class FakeEngine:
         self.adapter_path: Path | None = None
         self.lock = threading.RLock()
         self.prompts: list[str] = []
+        self.drafts: list[str | None] = []  # the `draft` of each stream call
 
     def chat_template(self) -> str:
         return SMOLLM2_TEMPLATE
@@ -60,9 +61,11 @@ class FakeEngine:
         temperature: float = 0.0,
         seed: int = 0,
         result: Completion | None = None,
+        draft: str | None = None,
     ) -> Iterator[str]:
         result = result if result is not None else Completion()
         self.prompts.append(prompt)
+        self.drafts.append(draft)
         text = self.responder(prompt)
         cut = min((text.find(s) for s in stop if s in text), default=-1)
         if cut >= 0:

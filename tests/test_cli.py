@@ -19,14 +19,14 @@ def ann(cli):
 def test_rewrite_stdout_is_only_the_rewrite(ann, use_fake_engine):
     r = ann("rewrite", "--profile", "ann", stdin=b"The Dog Needs A Walk.\n")
     assert r.code == 0 and r.stdout == "the dog needs a walk.\n"
-    r = ann("rewrite", "--profile", "ann", "-t", "--no-stream", stdin=b"Hello There.")
-    assert r.stdout == "hello there.\n" and "style: writes in lowercase" in r.stderr
+    r = ann("rewrite", "--profile", "ann", "-t", "--no-stream", stdin=b"See You At The Park.")
+    assert r.stdout == "see you at the park.\n" and "style: writes in lowercase" in r.stderr
 
 
 def test_rewrite_json(ann, use_fake_engine):
-    r = ann("rewrite", "--profile", "ann", "--json", stdin=b"Hello There.")
+    r = ann("rewrite", "--profile", "ann", "--json", stdin=b"See You At The Park.")
     doc = json.loads(r.stdout)
-    assert doc["rewrite"] == "hello there." and doc["interaction_id"] == 1 and doc["fallback"] is False
+    assert doc["rewrite"] == "see you at the park." and doc["interaction_id"] == 1 and doc["fallback"] is False
     assert {"trajectory", "retrieved", "prompt_s", "gen_s", "total_s", "prompt_tokens"} <= set(doc)
 
 
@@ -34,8 +34,8 @@ def test_rewrite_to_file_is_atomic(ann, use_fake_engine, tmp_path):
     out = tmp_path / "outdir" / "out.txt"
     out.parent.mkdir()
     out.write_text("previous")
-    r = ann("rewrite", "--profile", "ann", "-o", str(out), stdin=b"Hello There.")
-    assert r.code == 0 and r.stdout == "" and out.read_text() == "hello there.\n"
+    r = ann("rewrite", "--profile", "ann", "-o", str(out), stdin=b"See You At The Park.")
+    assert r.code == 0 and r.stdout == "" and out.read_text() == "see you at the park.\n"
     assert [p.name for p in out.parent.iterdir()] == ["out.txt"]  # no temporary left behind
 
 
@@ -54,6 +54,7 @@ def test_rewrite_file_argument_and_no_log(ann, use_fake_engine, tmp_path):
         (b"  \n\t ", 3, "input is empty"),
         (b"caf\xe9 au lait", 3, "not valid UTF-8"),
         (b"\x00\x01\x02binary", 3, "binary data"),
+        (b"\x01\x02\x1b\n", 3, "control character U+0001"),
     ],
 )
 def test_bad_input(ann, use_fake_engine, stdin, code, message):
@@ -200,7 +201,7 @@ def test_reads_never_create_a_profile(cli, store, tmp_path):
     store.register_adapter("general", tmp_path / "general.lora.gguf")
     store.register_adapter("bobs", tmp_path / "bobs.lora.gguf", profile="bob")
     names = [e["name"] for e in json.loads(cli("adapters", "list", "-p", "typo", "--json").stdout)["adapters"]]
-    assert names == ["builtin-lamp7", "general"], "general adapters, not another profile's"
+    assert names == ["builtin-lamp7", "builtin-lamp7-answer", "general"], "general adapters, not another profile's"
     assert cli("train", "runs", "-p", "typo").code == 5 and cli("log", "-p", "typo").code == 5
     assert [p["name"] for p in store.list_profiles()] == ["bob"]
 

@@ -56,12 +56,12 @@ def test_pipe_through_rewrite(persona):
     rows = interactions(persona)
     assert len(rows) == 1
     row = rows[0]
-    assert row["input"] == GENERIC and row["rewrite"] == out.strip() and row["source"] == "cli"
+    assert row["input"] == GENERIC and row["rewrite"] == out and row["source"] == "cli"
     assert row["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and row["latency_ms"] > 0
     ids = json.loads(row["retrieved_ids"])
     assert 1 <= len(ids) <= 4
     if row["fallback"]:
-        assert row["rewrite"] == GENERIC.strip() and row["fallback_reason"]
+        assert row["rewrite"] == GENERIC and row["fallback_reason"]
         assert "keeping the generic text" in r.stderr.decode()
 
 
@@ -72,22 +72,24 @@ def test_json_document_and_trajectory(persona):
     assert len(doc["retrieved"]) == 2 and all(item["text"] in PERSONA for item in doc["retrieved"])
     assert doc["prompt_tokens"] > 50 and doc["completion_tokens"] > 0 and doc["total_s"] > 0
     assert set(doc["trajectory"]) >= {"style", "diff", "edits", "answer", "problem"}
-    assert doc["rewrite"] == (GENERIC.strip() if doc["fallback"] else doc["trajectory"]["answer"])
+    assert doc["rewrite"] == (GENERIC if doc["fallback"] else doc["trajectory"]["answer"] + "\n")
 
 
-def test_long_input_is_chunked_with_the_real_model(persona):
-    # A tiny context and a 1-token analysis budget: the input must be split into chunks, the
-    # analysis closed early, and every chunk still rewritten or kept verbatim.
-    env_small = {**os.environ, "RPO_TRAJECTORY_TOKENS": "1", "RPO_N_CTX": "256"}
-    long = "This is a sentence that repeats to make a long generic reply. " * 30
+def test_long_input_is_rewritten_piece_by_piece_with_the_real_model(persona):
+    # A small context and a 1-token analysis budget: the analysis is closed early, and every
+    # piece is still rewritten or kept byte for byte.
+    env_small = {**os.environ, "RPO_TRAJECTORY_TOKENS": "1", "RPO_N_CTX": "512"}
+    long = "This is a sentence that repeats to make a long generic reply.\n\n" * 4
     r = subprocess.run([sys.executable, "-m", "rpo_local", "rewrite", "--profile", "sam", "--no-stream", "--json"],
                        input=long.encode(), capture_output=True, timeout=600, env=env_small)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert "chunks" in r.stderr.decode() and isinstance(doc["trajectory"], list) and len(doc["trajectory"]) > 1
-    assert doc["rewrite"].strip() and "<answer>" not in doc["rewrite"]
+    assert "4 pieces" in r.stderr.decode() and isinstance(doc["trajectory"], list) and len(doc["pieces"]) == 4
+    assert "<answer>" not in doc["rewrite"] and doc["rewrite"].count("\n\n") == 4
+    kept = [p for p in doc["pieces"] if not p["rewritten"]]
+    assert all(p["output"] == p["input"] and p["reason"] for p in kept)
     if doc["fallback"]:
-        assert doc["rewrite"].split() == long.split()
+        assert doc["rewrite"] == long
 
 
 def test_ctrl_c_exits_130_without_traceback_and_database_survives(persona):
@@ -99,8 +101,8 @@ def test_ctrl_c_exits_130_without_traceback_and_database_survives(persona):
     )
     proc.stdin.write(" ".join(f"Sentence {i} of a very long generic reply." for i in range(600)).encode())
     proc.stdin.close()
-    for line in proc.stderr:  # the chunking note: the model is loaded, several chunks to go
-        if b"chunks" in line:
+    for line in proc.stderr:  # the pieces note: the model is loaded, many pieces to go
+        if b"pieces" in line:
             break
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)

@@ -40,7 +40,7 @@ def test_analysis_out_of_budget_still_gets_an_answer(ann):
     def responder(prompt: str) -> str:
         return "hi ok done</answer>" if prompt.endswith("<answer>") else "blah " * 500
 
-    r = Reflector(ann, FakeEngine(responder), Config(trajectory_tokens=10)).rewrite("Hi.", "ann")
+    r = Reflector(ann, FakeEngine(responder), Config(trajectory_tokens=10)).rewrite("Done here.", "ann")
     assert r.rewrite == "hi ok done" and not r.fallback
 
 
@@ -78,14 +78,14 @@ def test_unknown_profile_fails_before_generation(store, fake_engine):
     assert fake_engine.prompts == []
 
 
-def test_long_input_is_chunked_and_nothing_lost(ann):
+def test_long_input_is_rewritten_piece_by_piece_and_nothing_lost(ann):
     engine = FakeEngine(lambda p: (generic_of(p).upper() + "</answer>") if p.endswith("<answer>") else "s</style><answer>", n_ctx=512)
     paragraphs = [f"Paragraph {i} " + "word " * 60 for i in range(6)]
     text = "\n\n".join(paragraphs)
     notes: list[str] = []
     r = Reflector(ann, engine, Config()).rewrite(text, "ann", on_note=notes.append)
-    assert "chunks" in notes[0] and isinstance(r.trajectory, list) and len(r.trajectory) > 1
-    assert r.rewrite.split() == text.upper().split()  # every word of the input made it through
+    assert "pieces" in notes[0] and isinstance(r.trajectory, list) and len(r.trajectory) == len(r.pieces) > 6
+    assert r.rewrite == text.upper()  # every word and every line break of the input made it through
 
 
 def test_no_log_records_nothing(ann, fake_engine):

@@ -85,11 +85,23 @@ def test_streaming_sends_the_rewrite_then_done(start, store):
         model="rpo:alice", messages=[{"role": "user", "content": "hi"}], stream=True, extra_body={"rpo_trajectory": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == GENERIC.lower()
-    assert len([c for c in chunks if c.choices[0].delta.content]) > 1, "streamed in pieces"
     final = chunks[-1]
     assert final.choices[0].finish_reason == "stop"
-    assert final.rpo["personalized"] is True and final.rpo["trajectory"]["answer"] == text
+    assert final.rpo["personalized"] is True and " ".join(t["answer"] for t in final.rpo["trajectory"]) == text
     assert store.get_interaction(final.rpo["interaction_id"])["rewrite"] == text
+
+
+def test_streaming_sends_each_piece_of_a_long_reply_in_order(start, store, upstream):
+    upstream.reply = "Thank you for your message.\n\n1. I will Review the document today.\n2. I will reply Soon.\n"
+    server, _ = start()
+    chunks = list(client(server).chat.completions.create(
+        model="rpo:alice", messages=[{"role": "user", "content": "hi"}], stream=True, extra_body={"rpo_trajectory": True}))
+    sent = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert sent == ["thank you for your message.", "\n\n1. ", "i will review the document today.", "\n2. ",
+                    "i will reply soon.", "\n"]
+    final = chunks[-1]
+    assert [t["rewritten"] for t in final.rpo["trajectory"]] == [True, True, True]
+    assert store.get_interaction(final.rpo["interaction_id"])["rewrite"] == "".join(sent)
 
 
 def test_sse_wire_format_ends_with_done(start):
@@ -135,7 +147,10 @@ def _slow(prompt: str) -> str:
     return lowercasing_responder(prompt)
 
 
-def test_past_the_time_budget_the_generic_reply_is_returned(start, store):
+def test_past_the_time_budget_the_generic_reply_is_returned(start, store, monkeypatch):
+    import rpo_local.server as server_mod
+
+    monkeypatch.setattr(server_mod, "PIECE_GRACE_S", 0.2)  # the piece in progress may not finish
     engine = FakeEngine(_slow)
     server, daemon = start(engine, budget=0.3)
     raw = ask(client(server))
@@ -147,6 +162,18 @@ def test_past_the_time_budget_the_generic_reply_is_returned(start, store):
     while daemon.worker.stats["cancelled"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert daemon.worker.stats["cancelled"] == 1, "the abandoned rewrite stopped generating"
+
+
+def test_pieces_past_the_time_budget_keep_their_text_and_the_others_are_rewritten(start, store, upstream):
+    upstream.reply = "Thank you for your message.\n\n1. I will Review the document today.\n2. I will reply Soon.\n"
+    engine = FakeEngine(lambda p: (time.sleep(0.3), lowercasing_responder(p))[1])
+    server, _ = start(engine, budget=0.5)
+    raw = ask(client(server))
+    assert raw.parse().choices[0].message.content == (
+        "thank you for your message.\n\n1. I will Review the document today.\n2. I will reply Soon.\n")
+    assert raw.headers["x-rpo-personalized"] == "true"
+    row = store.get_interaction(int(raw.headers["x-rpo-interaction-id"]))
+    assert "2/3 pieces kept" in row["fallback_reason"] and "time budget" in row["fallback_reason"]
 
 
 def test_streaming_past_the_time_budget_streams_the_generic_reply(start, store):

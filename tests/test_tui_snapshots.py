@@ -14,7 +14,7 @@ from tui_helpers import FakeUpstream, make_app, seed, send
 @pytest.fixture(autouse=True)
 def no_builtin_adapter(monkeypatch):
     """The screens must not depend on whether the package ships a general adapter."""
-    monkeypatch.setattr("rpo_local.adapters.builtin_for", lambda model_path=None: None)
+    monkeypatch.setattr("rpo_local.adapters.builtins_for", lambda model_path=None: [])
 
 
 @pytest.fixture

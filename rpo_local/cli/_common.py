@@ -64,7 +64,16 @@ def decode_input(data: bytes, origin: str) -> str:
         text = text[1:]
     if not text.strip():
         raise InputError(f"{origin}: input is empty")
+    control = next((i for i, ch in enumerate(text) if ch in _CONTROL), None)
+    if control is not None:
+        raise InputError(
+            f"{origin}: control character U+{ord(text[control]):04X} at offset {control}; rpo rewrites text only"
+        )
     return text
+
+
+# C0 and C1 control characters other than tab, line feed, vertical tab, form feed, carriage return.
+_CONTROL = frozenset(map(chr, [*range(0x09), *range(0x0E, 0x20), *range(0x7F, 0xA0)]))
 
 
 def read_input(path: Path | None, *, what: str = "text") -> str:

@@ -15,14 +15,12 @@ if TYPE_CHECKING:
 app = typer.Typer(help="List, activate, roll back and remove LoRA adapters.", no_args_is_help=True)
 
 
-def _builtin_entry() -> dict | None:
-    """The shipped adapter for the configured reflection model, if there is one."""
-    from rpo_local.adapters import builtin_for
+def _builtin_entries() -> list[dict]:
+    """The shipped adapters for the configured reflection model."""
+    from rpo_local.adapters import builtins_for
 
-    found = builtin_for()
-    if found is None:
-        return None
-    return {"id": None, "name": found[0], "path": str(found[1]), "profile": None, "builtin": True}
+    return [{"id": None, "name": name, "path": str(path), "profile": None, "builtin": True}
+            for name, path in builtins_for()]
 
 
 def _in_use(store: Store, profile: str) -> str | None:
@@ -44,10 +42,8 @@ def list_(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
     with open_store() as store:
         rows = store.list_adapters(name)
         active = _in_use(store, name)
-    builtin = _builtin_entry()
-    if any(r["name"] == (builtin or {}).get("name") for r in rows):
-        builtin = None  # registered already: listed with the others
-    entries = ([builtin] if builtin else []) + [
+    registered = {r["name"] for r in rows}  # a builtin used once is registered: listed with the others
+    entries = [b for b in _builtin_entries() if b["name"] not in registered] + [
         {**r, "builtin": False, "exists": Path(r["path"]).is_file()} for r in rows
     ]
     for e in entries:

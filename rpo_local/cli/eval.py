@@ -19,6 +19,7 @@ from rpo_local.lamp import MAX_ANSWER_TOKENS
 if TYPE_CHECKING:
     from rpo_local.engine import Engine
     from rpo_local.evaluate import EvalReport
+    from rpo_local.lamp import LampData
 
 ALL_METHODS = "copy,base,context,rpo,rpo+adapter"
 
@@ -38,6 +39,7 @@ def eval_cmd(
     predictions_dir: Annotated[Path | None, typer.Option("--predictions-dir", help="Write <task>-<method>.json LaMP predictions files here")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a bar chart of the methods (PNG)")] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Save each finished user here; rerunning with it resumes")] = None,
+    replies: Annotated[bool, typer.Option("--replies", help="Whole replies built from LaMP-7 users (rpo_local/replies.py)")] = False,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="GGUF model [default: the embedded one]")] = None,
     json_out: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr")] = False,
@@ -53,7 +55,7 @@ def eval_cmd(
 
     dataset = lamp.load(data, questions=questions, outputs=outputs, task=task)
     adapter_path = _adapter_path(adapter, model)
-    method_list = evaluate.parse_methods(methods or _default_methods(adapter_path))
+    method_list = evaluate.parse_methods(methods or _default_methods(adapter_path, replies))
     if "rpo+adapter" not in method_list:
         adapter_path = None
     users = lamp.select(dataset.users, offset=offset, limit=limit)
@@ -61,11 +63,17 @@ def eval_cmd(
         raise InputError(f"{dataset.source}: no users left after --offset {offset}")
     if plot is not None and plot.suffix.lower() != ".png":
         raise InputError(f"--plot {plot}: the chart is written as PNG; give a .png file name")
+    if replies and dataset.task != "LaMP_7":
+        raise InputError(f"--replies builds on LaMP-7 tweets; {dataset.source} holds {dataset.task}")
     method_list, rpo_input = evaluate.check_options(
-        dataset.task, method_list, adapter=adapter_path, rpo_input=rpo_input, k=0 if k is None else k
+        "LaMP_7_replies" if replies else dataset.task, method_list, adapter=adapter_path, rpo_input=rpo_input,
+        k=0 if k is None else k,
     )
-    needs_model = set(method_list) - {"copy"} or rpo_input == "base"
+    needs_model = set(method_list) - {"copy"} or rpo_input == "base" or replies
     engine = _open_engine(model) if needs_model else _NoEngine()
+    if replies:
+        dataset, offset, limit = _build_replies(dataset, engine, offset, limit, len(users), quiet), 0, None
+        users = dataset.users
     if not quiet:
         note(f"{dataset.task}: {len(users)} users, methods {', '.join(method_list)}")
     interrupted = False
@@ -94,8 +102,27 @@ def _adapter_path(adapter: str | None, model: Path | None) -> Path | None:
     return builtin_adapter_path(resolve_model_path(model) if model else None)
 
 
-def _default_methods(adapter: Path | None) -> str:
-    return ALL_METHODS if adapter is not None else ALL_METHODS.replace(",rpo+adapter", "")
+def _default_methods(adapter: Path | None, replies: bool = False) -> str:
+    methods = ALL_METHODS.replace("base,context,", "") if replies else ALL_METHODS
+    return methods if adapter is not None else methods.replace(",rpo+adapter", "")
+
+
+def _build_replies(dataset: LampData, engine: Engine, offset: int, limit: int | None, total: int,
+                   quiet: bool) -> LampData:
+    """The replies task for the selected users (their tweets' paraphrases come from the cache or
+    are made now by the base model)."""
+    from rpo_local import replies
+
+    if not quiet:
+        note(f"building replies from LaMP-7 users (paraphrases cached in {replies.cache_path(engine)})")
+    with _progress(total, quiet) as on_progress:
+        built = replies.build(dataset, engine, offset=offset, limit=limit, on_progress=on_progress)
+    if not built.users:
+        raise InputError(f"{dataset.source}: no user has enough usable tweets for a reply")
+    if not quiet:
+        note(f"{len(built.users)} users have enough usable tweets")
+    return built
+
 
 
 def _open_engine(model: Path | None) -> Engine:

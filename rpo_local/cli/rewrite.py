@@ -30,7 +30,12 @@ def rewrite(
     log: Annotated[bool, typer.Option("--log/--no-log", help="Record the interaction in the database")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No notes on stderr")] = False,
 ) -> None:
-    """Rewrite a generic reply (stdin or FILE) in the profile's style; only the rewrite goes to stdout."""
+    """Rewrite a generic reply (stdin or FILE) in the profile's style; only the rewrite goes to stdout.
+
+    The reply is rewritten piece by piece (sentences, list items, headings); code, tables, markup
+    and whitespace come back byte for byte, and so does every piece the model gives no usable
+    rewrite for. A final newline is added only where the text has none.
+    """
     from rpo_local.config import load_config
     from rpo_local.session import open_reflector
     from rpo_local.store import Store
@@ -58,7 +63,7 @@ def rewrite(
         result = reflector.rewrite(text, profile, log=log, on_text=sink, on_note=on_note, source="cli")
         if not stream:
             sys.stdout.write(result.rewrite)
-        sys.stdout.write("\n")
+        sys.stdout.write(_final_newline(result.rewrite))
         sys.stdout.flush()
     if show_trajectory:
         _print_trajectory(result.trajectory)
@@ -86,7 +91,7 @@ def _rewrite_to_file(reflector: Reflector, text: str, profile: str, output: Path
             )
             if not stream:
                 fh.write(result.rewrite)
-            fh.write("\n")
+            fh.write(_final_newline(result.rewrite))
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -97,11 +102,20 @@ def _rewrite_to_file(reflector: Reflector, text: str, profile: str, output: Path
 def _write_file(path: Path, text: str) -> None:
     from rpo_local.fsutil import atomic_write_text
 
-    atomic_write_text(path, text + "\n")
+    atomic_write_text(path, text + _final_newline(text))
+
+
+def _final_newline(text: str) -> str:
+    """What ends the output: a text file's final newline, unless the text has one already."""
+    return "" if text.endswith(("\n", "\r")) else "\n"
 
 
 def _print_trajectory(trajectory: dict | list[dict]) -> None:
-    for part in trajectory if isinstance(trajectory, list) else [trajectory]:
+    parts = trajectory if isinstance(trajectory, list) else [trajectory]
+    for n, part in enumerate(parts, 1):
+        if len(parts) > 1:
+            state = "rewritten" if part.get("rewritten") else "kept as it was"
+            print(f"piece {n}/{len(parts)} ({state}): {part.get('piece', '')}", file=sys.stderr)
         for key in ("style", "diff", "edits", "answer", "problem"):
             if part.get(key):
                 print(f"{key:>7}: {part[key]}", file=sys.stderr)

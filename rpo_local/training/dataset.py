@@ -314,9 +314,17 @@ def clean_paraphrase(out: str, source: str) -> str:
 
 
 def profile_targets(store: Store, profile: str, *, limit: int = 2000) -> list[dict]:
-    """The profile's own texts, oldest first: history items, kept/edited rewrites included."""
-    items = store.list_items(profile, limit=limit)
-    return sorted(items, key=lambda it: (it["created_at"], it["id"]))
+    """The profile's own texts, oldest first: history items, kept/edited rewrites included. A
+    text of several pieces (an edited chat reply, a long note) gives one target per piece, as
+    the reflection model rewrites them (`rpo_local.segment`)."""
+    from rpo_local import segment
+
+    items = sorted(store.list_items(profile, limit=limit), key=lambda it: (it["created_at"], it["id"]))
+    out = []
+    for item in items:
+        pieces = segment.prose(item["text"])
+        out += [{**item, "text": p} for p in pieces] if len(pieces) > 1 else [item]
+    return out
 
 
 def profile_examples(

@@ -159,7 +159,9 @@ def details_text(turn: Turn) -> str:
     parts = turn.trajectory if isinstance(turn.trajectory, list) else [turn.trajectory or {}]
     for n, part in enumerate(parts, 1):
         if len(parts) > 1:
-            lines.append(f"chunk {n}")
+            state = "rewritten" if part.get("rewritten") else "kept as it was"
+            piece = " ".join(str(part.get("piece", "")).split())
+            lines.append(f"piece {n}/{len(parts)} ({state}): {piece[:80]}{'…' if len(piece) > 80 else ''}")
         for key in ("style", "diff", "edits", "problem"):
             if part.get(key):
                 lines.append(f"{key:>7}: {' '.join(str(part[key]).split())}")
