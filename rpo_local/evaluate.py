@@ -102,7 +102,7 @@ class MethodSummary:
     latency_per_piece_s: float | None = None
     # Paired difference to `copy` over users: (mean, 95% bootstrap interval low, high).
     rouge1_vs_copy: tuple[float, float, float] | None = None
-    rougeL_vs_copy: tuple[float, float, float] | None = None  # noqa: N815
+    rougeL_vs_copy: tuple[float, float, float] | None = None
 
 
 def paired_bootstrap(

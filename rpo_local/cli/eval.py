@@ -19,6 +19,7 @@ from rpo_local.lamp import MAX_ANSWER_TOKENS
 if TYPE_CHECKING:
     from rpo_local.engine import Engine
     from rpo_local.evaluate import EvalReport
+    from rpo_local.lamp import LampData
 
 ALL_METHODS = "copy,base,context,rpo,rpo+adapter"
 
@@ -106,7 +107,8 @@ def _default_methods(adapter: Path | None, replies: bool = False) -> str:
     return methods if adapter is not None else methods.replace(",rpo+adapter", "")
 
 
-def _build_replies(dataset, engine, offset: int, limit: int | None, total: int, quiet: bool):  # noqa: ANN001, ANN202
+def _build_replies(dataset: LampData, engine: Engine, offset: int, limit: int | None, total: int,
+                   quiet: bool) -> LampData:
     """The replies task for the selected users (their tweets' paraphrases come from the cache or
     are made now by the base model)."""
     from rpo_local import replies
