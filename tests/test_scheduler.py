@@ -33,7 +33,8 @@ adapter, adapter_id = None, None
 with Store.open() as store:
     run = store.start_train_run(profile, "sft", store.material_marks(profile))
     if mode == "activate":
-        n = len(store.list_adapters())
+        # counts this profile's own adapters: built-in ones may be registered for a real base
+        n = sum(a["name"].startswith(profile + "-auto-") for a in store.list_adapters())
         adapter = f"{profile}-auto-{n + 1}"
         path = os.environ.get("FAKE_TRAIN_ADAPTER") or os.path.join(os.environ["RPO_HOME"], adapter + ".lora.gguf")
         if not os.path.exists(path):
