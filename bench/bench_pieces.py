@@ -32,7 +32,7 @@ VARIANTS = ("default", "paragraph", "reply-retrieval", "neighbours")
 
 
 @contextmanager
-def variant(name: str):  # noqa: ANN201
+def variant(name: str):
     """The product code with one setting changed (restored afterwards)."""
     from rpo_local import prompts, reflect, segment
 
@@ -41,7 +41,7 @@ def variant(name: str):  # noqa: ANN201
         if name == "paragraph":
             segment.split = functools.partial(saved[0], piece_words=30)
         elif name == "reply-retrieval":
-            def rewrite(self, generic, profile=None, **kw):  # noqa: ANN001, ANN202
+            def rewrite(self, generic, profile=None, **kw):
                 k = self.config.k if kw.get("k") is None else kw["k"]
                 items = saved[1](self.store, profile, generic, k) if self.store is not None and k else []
                 reflect.retrieve = lambda *_a, **_k: items
@@ -51,10 +51,10 @@ def variant(name: str):  # noqa: ANN201
                     reflect.retrieve = saved[1]
             reflect.Reflector.rewrite = rewrite
         elif name == "neighbours":
-            def rewrite(self, generic, profile=None, **kw):  # noqa: ANN001, ANN202
+            def rewrite(self, generic, profile=None, **kw):
                 pieces = [s.plain for s in saved[0](generic) if s.prose]
 
-                def message(piece, items):  # noqa: ANN001, ANN202
+                def message(piece, items):
                     i = pieces.index(piece) if piece in pieces else -1
                     around = [pieces[j] for j in (i - 1, i + 1) if i >= 0 and 0 <= j < len(pieces)]
                     base = saved[2](piece, items)

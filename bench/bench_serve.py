@@ -76,7 +76,7 @@ else:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
         reply = REPLIES[body["messages"][-1]["content"]]
         data = json.dumps({
@@ -199,7 +199,7 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def _measure(daemon: subprocess.Popen, port: int, up_url: str, args: argparse.Namespace, openai) -> dict:  # noqa: ANN001
+def _measure(daemon: subprocess.Popen, port: int, up_url: str, args: argparse.Namespace, openai) -> dict:
     import httpx
 
     start = time.monotonic()

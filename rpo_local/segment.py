@@ -81,7 +81,7 @@ _MARKUP = "`*[]"  # characters whose count a rewrite must not change (it would o
 
 
 @lru_cache(maxsize=1)
-def _parser():  # noqa: ANN202 - markdown_it's type, imported lazily
+def _parser():
     from markdown_it import MarkdownIt
 
     return MarkdownIt("commonmark").enable(["table", "strikethrough"])

@@ -88,7 +88,7 @@ class _CancellableEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    def stream(self, prompt: str, **kwargs: Any):  # noqa: ANN201 - an iterator of text pieces
+    def stream(self, prompt: str, **kwargs: Any):
         gen = self._engine.stream(prompt, **kwargs)
         try:
             for piece in gen:
@@ -647,7 +647,7 @@ def check_host(host: str, allow_remote: bool) -> None:
           "set RPO_API_KEY to require a token", file=sys.stderr, flush=True)
 
 
-def _uvicorn_server(app: Any, *, log_level: str = "warning", use_colors: bool = False):  # noqa: ANN202
+def _uvicorn_server(app: Any, *, log_level: str = "warning", use_colors: bool = False):
     import uvicorn
 
     config = uvicorn.Config(app, lifespan="on", log_level=log_level, access_log=False, use_colors=use_colors,

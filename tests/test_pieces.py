@@ -7,9 +7,9 @@ import json
 import random
 
 import pytest
+from fakes import FakeEngine, generic_of, lowercasing_responder
 from markdown_it import MarkdownIt
 
-from fakes import FakeEngine, generic_of, lowercasing_responder
 from rpo_local import segment
 from rpo_local.config import Config
 from rpo_local.reflect import Reflector

@@ -19,6 +19,7 @@ from rpo_local.config import load_config
 from rpo_local.scheduler import TrainScheduler, train_command
 from rpo_local.server import BackgroundServer, Daemon, create_app
 from rpo_local.store import Store
+from rpo_local.training.due import MIN_ITEMS
 from rpo_local.upstream import OpenAIUpstream
 
 pytestmark = [pytest.mark.model, pytest.mark.train]
@@ -103,7 +104,9 @@ def test_real_engine_hot_swaps_a_real_adapter_while_serving(store, tmp_path, mod
     script.write_text(FAKE_TRAIN)
     monkeypatch.setenv("FAKE_TRAIN_ADAPTER", str(lora))
     monkeypatch.setenv("FAKE_TRAIN_SLEEP", "2")
-    store.add_items("alice", [{"text": t, "kind": "chat"} for t in ("lol ok", "ttyl!!", "sounds good tbh")])
+    texts = ("lol ok", "ttyl!!", "sounds good tbh", "nah im good", "omg yes", "brb", "k thx", "same lol")
+    assert len(texts) >= MIN_ITEMS, "a profile with fewer texts is never due"
+    store.add_items("alice", [{"text": t, "kind": "chat"} for t in texts])
     engine = LlamaEngine(model_path, n_ctx=2048)
     llm = engine.llm
     with FakeUpstream() as up:

@@ -16,7 +16,7 @@ from rpo_local.tui.diff import change_ratio, diff_text, word_diff
 from rpo_local.tui.training import TrainProcess, format_eta, parse_event
 
 
-def run(scenario) -> None:  # noqa: ANN001
+def run(scenario) -> None:
     asyncio.run(scenario())
 
 
@@ -339,7 +339,7 @@ def test_real_model_end_to_end(store, real_engine, monkeypatch):
     chunks: list[str] = []
     original = AssistantTurn.append
 
-    def spy(self, text: str) -> None:  # noqa: ANN001
+    def spy(self, text: str) -> None:
         chunks.append(text)
         original(self, text)
 
@@ -378,7 +378,7 @@ def test_escape_stops_a_reply(store):
     from rpo_local.tui.widgets import AssistantTurn
 
     class SlowEngine(FakeEngine):
-        def stream(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        def stream(self, *args, **kwargs):
             for piece in super().stream(*args, **kwargs):
                 time.sleep(0.01)
                 yield piece

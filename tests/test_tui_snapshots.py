@@ -23,7 +23,7 @@ def app(store, fake_engine):
     return make_app(store, fake_engine)
 
 
-async def focus_reply(pilot) -> None:  # noqa: ANN001
+async def focus_reply(pilot) -> None:
     from rpo_local.tui.widgets import AssistantTurn
 
     await send(pilot.app, pilot, "Is the ramen near the station any good?")
@@ -53,7 +53,7 @@ class TestFeedback:
         assert snap_compare(app, run_before=focus_reply, press=["e"])
 
     def test_accepted(self, snap_compare, app):
-        async def accept(pilot) -> None:  # noqa: ANN001
+        async def accept(pilot) -> None:
             await focus_reply(pilot)
             await pilot.press("a")
             await pilot.pause()
@@ -88,7 +88,7 @@ class TestAdaptersScreen:
         assert snap_compare(app, press=["f4"])
 
     def test_training_live(self, snap_compare, app, adapters):
-        async def train(pilot) -> None:  # noqa: ANN001
+        async def train(pilot) -> None:
             await pilot.press("f4")
             screen = pilot.app.screen
             screen.query_one("#training").add_class("running")
@@ -105,7 +105,7 @@ class TestPickers:
         assert snap_compare(app, press=["f5"])
 
     def test_conversations(self, snap_compare, app):
-        async def two_chats(pilot) -> None:  # noqa: ANN001
+        async def two_chats(pilot) -> None:
             await send(pilot.app, pilot, "Is the ramen good?")
             await pilot.press("ctrl+n")
             await send(pilot.app, pilot, "What about pizza?")

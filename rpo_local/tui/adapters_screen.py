@@ -36,7 +36,7 @@ class AdaptersScreen(Screen):
         self.losses: list[float] = []
 
     @property
-    def pipeline(self):  # noqa: ANN201
+    def pipeline(self):
         return self.app.pipeline  # type: ignore[attr-defined]
 
     def compose(self) -> ComposeResult:
@@ -102,7 +102,7 @@ class AdaptersScreen(Screen):
     def action_rollback(self) -> None:
         self._change(lambda: self.pipeline.store.rollback_adapter(self.pipeline.profile))
 
-    def _change(self, change) -> None:  # noqa: ANN001 - a store call
+    def _change(self, change) -> None:
         try:
             change()
         except RpoError as exc:

@@ -64,7 +64,7 @@ class ChatApp(App):
         pipeline = self.pipeline
         try:
             adapter = pipeline.adapter_name()
-        except Exception as exc:  # noqa: BLE001 - a header must never crash the app
+        except Exception as exc:
             adapter = f"? ({describe_error(exc)})"
         self.sub_title = f"{pipeline.profile} · adapter {adapter} · upstream {pipeline.upstream_name()}"
 
@@ -73,7 +73,7 @@ class ChatApp(App):
         """Open the upstream and the reflection model in the background, so the first reply is quick."""
         try:
             self.pipeline.ensure_ready()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.call_from_thread(
                 self.notify, describe_error(exc), title="model not loaded", severity="error", timeout=10
             )
@@ -85,7 +85,7 @@ class ChatApp(App):
         """Load the profile's adapter into the running model (reading a LoRA takes a moment)."""
         try:
             self.pipeline.apply_adapter()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.call_from_thread(self.notify, f"adapter not applied: {describe_error(exc)}", severity="error")
             return
         self.call_from_thread(self.refresh_titles)

@@ -64,7 +64,7 @@ class ChatScreen(Screen):
         self.stop_requested = threading.Event()
 
     @property
-    def pipeline(self):  # noqa: ANN201 - ChatPipeline, kept off the import path of the hint
+    def pipeline(self):
         return self.app.pipeline  # type: ignore[attr-defined]
 
     def compose(self) -> ComposeResult:
@@ -150,7 +150,7 @@ class ChatScreen(Screen):
             call(self._finished, widget, turn)
         except Stopped:
             call(self._failed, widget, text, stored, "stopped: the reply was not kept", "warning")
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a notification
+        except Exception as exc:
             call(self._failed, widget, text, stored, describe_error(exc))
 
     def _sink(self, stream: Coalescer, chunk: str) -> None:

@@ -26,7 +26,7 @@ class HistoryScreen(Screen):
     ]
 
     @property
-    def pipeline(self):  # noqa: ANN201
+    def pipeline(self):
         return self.app.pipeline  # type: ignore[attr-defined]
 
     def compose(self) -> ComposeResult:

@@ -12,7 +12,7 @@ from textual.widgets.option_list import Option
 from rpo_local.store import KINDS
 
 
-def text_area(text: str = "", **kwargs) -> TextArea:  # noqa: ANN003 - TextArea's keyword arguments
+def text_area(text: str = "", **kwargs) -> TextArea:
     """A prose editor: soft wrap, no line numbers, no syntax highlighting."""
     return TextArea(text, soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
 
