@@ -148,7 +148,7 @@ def _slow(prompt: str) -> str:
 
 
 def test_past_the_time_budget_the_generic_reply_is_returned(start, store, monkeypatch):
-    import rpo_local.server as server_mod
+    import rpo_local.server.daemon as server_mod
 
     monkeypatch.setattr(server_mod, "PIECE_GRACE_S", 0.2)  # the piece in progress may not finish
     engine = FakeEngine(_slow)

@@ -1,0 +1,191 @@
+"""The daemon's state and its one operation: personalize a generic reply within the time budget,
+record the interaction as the client received it, and never lose the reply."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from starlette.concurrency import run_in_threadpool
+
+from rpo_local import __version__, names
+from rpo_local.adapters import builtin_name
+from rpo_local.errors import RpoError
+from rpo_local.server.guard import LOOPBACK_NAMES
+from rpo_local.server.request import ApiError
+from rpo_local.server.worker import ReflectionWorker
+from rpo_local.store import Store
+
+if TYPE_CHECKING:
+    from rpo_local.config import Config
+    from rpo_local.engine import Engine
+    from rpo_local.reflect import RewriteResult
+    from rpo_local.scheduler import TrainScheduler
+    from rpo_local.upstream import Upstream
+
+MAX_BODY_BYTES = 1_000_000
+PIECE_GRACE_S = 10.0  # a piece started within the time budget may take this much longer
+log = logging.getLogger(__package__)  # one logger for the daemon: rpo_local.server
+
+
+@dataclass
+class Outcome:
+    text: str
+    personalized: bool
+    reason: str | None
+    result: RewriteResult | None = None
+    interaction_id: int | None = None
+
+
+class Daemon:
+    """Everything a request needs: store, upstream, the worker, the scheduler, the limits.
+
+    Request handlers share `store` (under `db_lock`); the worker and the scheduler open their
+    own connections to the same database file.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        engine: Engine,
+        upstream: Upstream,
+        config: Config,
+        api_key: str | None = None,
+        allowed_hosts: tuple[str, ...] = (),
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        self.store, self.engine, self.upstream, self.config = store, engine, upstream, config
+        self.api_key = api_key or None
+        self.allowed_hosts = LOOPBACK_NAMES | {h.lower().strip("[]") for h in allowed_hosts}
+        self.max_body_bytes = max_body_bytes
+        self.db_lock = threading.RLock()
+        self.worker = ReflectionWorker(Store.open(store.path) if store.path else store, engine, config)
+        self.scheduler: TrainScheduler | None = None  # set by `rpo serve` unless --no-train
+        self.started = time.time()
+        self.counts = {"requests": 0, "personalized": 0, "generic": 0, "upstream_errors": 0}
+        self._count_lock = threading.Lock()
+        store.ensure_profile(config.profile)  # a fresh install serves the default profile
+
+    # -- profiles and adapters ------------------------------------------------------------------
+
+    def select_profile(self, model: str | None, header: str | None) -> tuple[str, bool]:
+        """The profile a request is for, and whether `model` named it (then it is not an upstream model)."""
+        with self.db_lock:
+            known = {p["name"] for p in self.store.list_profiles()}
+        if header and header.strip():
+            name, from_model = header.strip(), False
+        elif model and model.startswith("rpo:"):
+            name, from_model = model[4:], True
+        elif model and model in known:
+            return model, True
+        else:
+            return self.config.profile, False
+        if reason := names.problem(name):
+            raise ApiError(400, f"invalid profile name {name!r}: {reason} ({names.RULE})", code="invalid_profile")
+        if name not in known:
+            raise ApiError(404, f"unknown profile {name!r}; known: {', '.join(sorted(known))}", code="profile_not_found")
+        return name, from_model
+
+    def adapter_label(self, path: str | Path | None) -> str | None:
+        if not path:
+            return None
+        if builtin := builtin_name(path):
+            return builtin
+        with self.db_lock:
+            row = self.store.adapter_by_path(path)
+        return row["name"] if row else Path(path).name
+
+    # -- personalization ------------------------------------------------------------------------
+
+    @property
+    def budget_s(self) -> float:
+        return self.config.rewrite_timeout_s
+
+    async def personalize(self, profile: str, generic: str) -> Outcome:
+        """Rewrite `generic` within the time budget; the generic reply whenever that fails."""
+        if not generic.strip():
+            return await self.finish(profile, generic, None, "the upstream reply is empty")
+        # Pieces not started within the budget keep their generic text; the piece in progress
+        # may finish (PIECE_GRACE_S), past which the whole generic reply is returned.
+        job = self.worker.submit_rewrite(profile, generic, deadline=time.monotonic() + self.budget_s)
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=self.budget_s + PIECE_GRACE_S)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            job.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return await self.finish(profile, generic, None, f"the rewrite exceeded the time budget ({self.budget_s:g} s)")
+        except Exception as exc:
+            log.error("rewrite failed (profile %r)", profile, exc_info=exc)
+            return await self.finish(profile, generic, None, f"the rewrite failed: {describe_error(exc)}")
+        return await self.finish(profile, generic, result, None)
+
+    async def finish(self, profile: str, generic: str, result: RewriteResult | None, reason: str | None,
+                     text: str | None = None) -> Outcome:
+        return await run_in_threadpool(self.record, profile, generic, result, reason, text)
+
+    def record(self, profile: str, generic: str, result: RewriteResult | None, reason: str | None,
+               text: str | None = None) -> Outcome:
+        """Record the interaction as the client received it (`text` overrides what was sent)."""
+        if result is not None and reason is None:
+            sent = result.rewrite if text is None else text
+            outcome = Outcome(sent, not result.fallback, result.fallback_reason, result)
+        else:
+            outcome = Outcome(generic if text is None else text, False, reason, result)
+        fields: dict[str, Any] = {
+            "source": "serve", "input": generic, "rewrite": outcome.text, "fallback": not outcome.personalized,
+            "fallback_reason": outcome.reason, "model": getattr(self.engine.model_path, "name", None),
+            "adapter": str(self.engine.adapter_path) if self.engine.adapter_path else None,
+        }
+        if result is not None:
+            fields.update(
+                trajectory=result.trajectory, model=result.model, adapter=result.adapter,
+                retrieved_ids=[r["id"] for r in result.retrieved], latency_ms=round(result.total_s * 1000, 1),
+                prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+            )
+        with self.db_lock:
+            outcome.interaction_id = self.store.record_interaction(profile, **fields)
+        self.count("personalized" if outcome.personalized else "generic")
+        return outcome
+
+    def locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on the shared store, one thread at a time."""
+        with self.db_lock:
+            return fn(*args)
+
+    def count(self, key: str) -> None:
+        with self._count_lock:
+            self.counts[key] += 1
+
+    def rpo_info(self, profile: str, outcome: Outcome, *, detail: bool, generic: str) -> dict:
+        adapter = outcome.result.adapter if outcome.result else (self.engine.adapter_path or None)
+        info: dict[str, Any] = {
+            "personalized": outcome.personalized, "profile": profile, "adapter": self.adapter_label(adapter),
+            "interaction_id": outcome.interaction_id, "fallback_reason": outcome.reason,
+        }
+        if detail:
+            info["generic"] = generic
+            info["trajectory"] = outcome.result.trajectory if outcome.result else None
+        return info
+
+    def status(self) -> dict:
+        return {
+            "status": "ok", "version": __version__, "uptime_s": round(time.time() - self.started, 1),
+            "profile": self.config.profile, "engine": self.engine.describe(),
+            "adapter": self.adapter_label(self.engine.adapter_path),
+            "upstream": getattr(self.upstream, "name", None), "time_budget_s": self.budget_s,
+            "queue": {"pending": self.worker.pending(), **self.worker.stats},
+            "requests": dict(self.counts),
+            "training": self.scheduler.status() if self.scheduler else None,
+        }
+
+
+def describe_error(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, RpoError) else f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,85 @@
+"""A streamed chat completion: server-sent events, the reply piece by piece as it is rewritten."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from rpo_local.server.daemon import Daemon, describe_error
+from rpo_local.server.worker import RewriteCancelled
+
+
+def completion_id() -> str:
+    return f"chatcmpl-rpo-{uuid.uuid4().hex[:24]}"
+
+
+async def stream(daemon: Daemon, profile: str, reply: Any, model: str, detail: bool) -> AsyncIterator[str]:
+    """Server-sent events: the reply piece by piece as it is rewritten, then the rpo fields, then [DONE].
+
+    The time budget runs until text is sent; pieces not started within it keep their generic text.
+    """
+    cid, created = completion_id(), int(time.time())
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+
+    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+        data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    generic: str = reply.text
+    if not generic.strip():
+        outcome = await daemon.finish(profile, generic, None, "the upstream reply is empty")
+        yield chunk({}, "stop", rpo=daemon.rpo_info(profile, outcome, detail=detail, generic=generic))
+        yield "data: [DONE]\n\n"
+        return
+    job = daemon.worker.submit_rewrite(
+        profile, generic, on_text=lambda t: loop.call_soon_threadsafe(events.put_nowait, ("text", t)),
+        deadline=time.monotonic() + daemon.budget_s,
+    )
+    job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, ("done", "")))
+    sent: list[str] = []
+    reason: str | None = None
+    finished = False
+    deadline = loop.time() + daemon.budget_s
+    try:
+        while True:
+            timeout = None if sent else max(0.0, deadline - loop.time())
+            try:
+                kind, text = await asyncio.wait_for(events.get(), timeout)
+            except TimeoutError:
+                job.cancel()
+                reason = f"the rewrite exceeded the time budget ({daemon.budget_s:g} s)"
+                break
+            if kind == "done":
+                break
+            sent.append(text)
+            yield chunk({"content": text})
+        result = None
+        if reason is None:
+            exc = job.future.exception() if not job.future.cancelled() else RewriteCancelled()
+            if exc is not None:
+                reason = f"the rewrite failed: {describe_error(exc)}"
+            else:
+                result = job.future.result()
+        if reason is not None:
+            # Never lose the reply: whatever was cut short, the generic reply follows in full.
+            tail = ("\n\n" if sent else "") + generic.strip()
+            sent.append(tail)
+            yield chunk({"content": tail})
+        outcome = await daemon.finish(profile, generic, result, reason, "".join(sent))
+        finished = True
+        info = await run_in_threadpool(daemon.rpo_info, profile, outcome, detail=detail, generic=generic)
+        yield chunk({}, "stop", rpo=info)
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:  # the client went away mid-stream: stop generating, keep the record
+            job.cancel()
+            daemon.record(profile, generic, None, "the client disconnected", "".join(sent) or None)

@@ -1,0 +1,135 @@
+"""The reflection worker: one thread owns the reflection engine and runs rewrites and adapter
+switches in arrival order, so llama.cpp can reuse the KV cache of the prompt prefix consecutive
+rewrites share."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rpo_local.adapters import resolve_adapter
+
+if TYPE_CHECKING:
+    from rpo_local.config import Config
+    from rpo_local.engine import Engine
+    from rpo_local.reflect import RewriteResult
+    from rpo_local.store import Store
+
+TextSink = Callable[[str], None]
+
+
+class RewriteCancelled(Exception):
+    """The request stopped waiting (time budget, client gone): stop generating."""
+
+
+class _CancellableEngine:
+    """The reflection engine, aborting between tokens once the request stopped waiting."""
+
+    def __init__(self, engine: Engine, cancelled: threading.Event) -> None:
+        self._engine = engine
+        self._cancelled = cancelled
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def stream(self, prompt: str, **kwargs: Any):
+        gen = self._engine.stream(prompt, **kwargs)
+        try:
+            for piece in gen:
+                if self._cancelled.is_set():
+                    raise RewriteCancelled
+                yield piece
+        finally:
+            gen.close()  # releases the engine lock now, not whenever the generator is collected
+
+
+@dataclass
+class Job:
+    run: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.future.cancel()
+
+
+class ReflectionWorker:
+    """One thread that owns the reflection engine: rewrites and adapter switches, in order.
+
+    It reads the database through its own connection (`store`): one SQLite connection must not
+    be used by several threads at once.
+    """
+
+    def __init__(self, store: Store, engine: Engine, config: Config) -> None:
+        self.store, self.engine, self.config = store, engine, config
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.stats = {"done": 0, "failed": 0, "cancelled": 0, "adapter_switches": 0}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="rpo-reflection", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
+                self.stats["cancelled"] += 1
+                continue
+            try:
+                job.future.set_result(job.run())
+                self.stats["done"] += 1
+            except RewriteCancelled:
+                self.stats["cancelled"] += 1
+                job.future.set_exception(RewriteCancelled())
+            except BaseException as exc:  # reported to the waiting request, never fatal here
+                self.stats["failed"] += 1
+                job.future.set_exception(exc)
+
+    def submit(self, run: Callable[[], Any]) -> Job:
+        job = Job(run)
+        self._queue.put(job)
+        return job
+
+    def submit_rewrite(
+        self, profile: str, generic: str, on_text: TextSink | None = None, deadline: float | None = None
+    ) -> Job:
+        """Queue a rewrite; past `deadline` (time.monotonic) its remaining pieces keep their text."""
+        from rpo_local.reflect import Reflector
+
+        job = Job(lambda: None)
+
+        def run() -> RewriteResult:
+            self.ensure_adapter(profile)
+            reflector = Reflector(self.store, _CancellableEngine(self.engine, job.cancelled), self.config)
+            return reflector.rewrite(generic, profile, log=False, on_text=on_text, source="serve", deadline=deadline)
+
+        job.run = run
+        self._queue.put(job)
+        return job
+
+    def ensure_adapter(self, profile: str) -> None:
+        """Give the engine the profile's active adapter (no base-model reload)."""
+        want = resolve_adapter(self.store, profile)
+        with self.engine.lock:
+            have = self.engine.adapter_path
+            if (Path(want) if want else None) != (Path(have) if have else None):
+                self.engine.set_adapter(want)
+                self.stats["adapter_switches"] += 1
+
+    def switch_adapter(self, profile: str) -> None:
+        """Queue a switch to the profile's (new) adapter: it happens between two requests."""
+        self.submit(lambda: self.ensure_adapter(profile))
