@@ -41,6 +41,7 @@ class Config:
     upstream_model: str = "gpt-4o-mini"
     rewrite_timeout_s: float = 30.0  # the daemon returns the generic reply past this
     upstream_timeout_s: float = 120.0  # a remote upstream slower than this is a 504
+    max_queued_requests: int = 32  # rewrites waiting for the daemon's one worker; more are a 503
     train_min_new_items: int = 20  # new history/feedback items that trigger a training run
     train_interval_hours: float = 24.0
 
@@ -58,6 +59,7 @@ _ENV = {f"RPO_{name.upper()}": name for name in Config.keys()}
 _RANGES = {
     "min_content_kept": (0.0, 1.0),  # a share: anything outside silently disables a feature
     "upstream_timeout_s": (0.1, 86400.0),  # 0 or less would fail every request
+    "max_queued_requests": (1, 100_000),  # 0 would refuse every request
 }
 _CHOICES = {"trajectory": ("auto", "full", "compact", "answer")}
 

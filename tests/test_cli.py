@@ -185,6 +185,14 @@ def test_a_share_outside_0_to_1_is_refused_and_the_file_kept(cli, rpo_home, monk
     assert cli("config", "show", "--json").code == 9
 
 
+def test_max_queued_requests_is_a_checked_setting(cli, rpo_home, monkeypatch):
+    assert json.loads(cli("config", "show", "--json").stdout)["max_queued_requests"] == 32
+    r = cli("config", "set", "max_queued_requests", "0")  # would refuse every request
+    assert r.code == 9 and "between 1 and 100000" in r.stderr
+    assert cli("config", "set", "max_queued_requests", "4").code == 0
+    assert json.loads(cli("config", "show", "--json").stdout)["max_queued_requests"] == 4
+
+
 def test_reads_never_create_a_profile(cli, store, tmp_path):
     """`doctor -p typo` reports the profile as not there (and is not a failure), and listing
     adapters works on a fresh install: adapters are not per profile."""

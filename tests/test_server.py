@@ -421,6 +421,66 @@ def test_twenty_concurrent_requests_all_answered_nothing_lost(start, store, upst
     assert daemon.worker.stats["done"] == 20
 
 
+def _wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_full_queue_is_503_with_retry_after_before_any_work(start, store, upstream, monkeypatch):
+    """One rewrite running and `max_queued_requests` waiting: the next request is refused before
+    the upstream is asked and nothing is recorded; the queued ones are all answered."""
+    monkeypatch.setenv("RPO_MAX_QUEUED_REQUESTS", "2")
+    gate, started = threading.Event(), threading.Event()
+
+    def held(prompt: str) -> str:  # a slow engine: every rewrite waits for the gate
+        started.set()
+        gate.wait(30)
+        return lowercasing_responder(prompt)
+
+    server, daemon = start(FakeEngine(held), budget=45)
+    c = client(server)
+    with ThreadPoolExecutor(3) as pool:
+        try:
+            first = pool.submit(ask, c, "question 0")
+            assert started.wait(10)
+            queued = [pool.submit(ask, c, f"question {i}", stream=i == 2) for i in (1, 2)]
+            _wait_for(lambda: daemon.worker.pending() == 2)
+            status = httpx.get(server.url + "/v1/rpo/status").json()
+            assert status["requests"]["in_flight"] == 3
+            assert (status["queue"]["pending"], status["queue"]["running"], status["queue"]["limit"]) == (2, 1, 2)
+            asked = len(upstream.requests)
+            for stream in (False, True):
+                resp = httpx.post(server.url + "/v1/chat/completions", timeout=10, json={
+                    "model": "rpo:alice", "stream": stream, "messages": [{"role": "user", "content": "one more"}]})
+                assert resp.status_code == 503 and resp.headers["retry-after"] == "45"
+                error = resp.json()["error"]
+                assert error["code"] == "queue_full" and error["type"] == "server_error" and "busy" in error["message"]
+            with pytest.raises(openai.APIStatusError) as info:
+                ask(c, "and another")
+            assert info.value.status_code == 503
+            assert len(upstream.requests) == asked, "a refused request never reaches the upstream"
+            assert store.counts()["interactions"] == 0
+
+            # Filled between the check and the submission: the reply is kept, generic, with the reason.
+            monkeypatch.setattr(daemon, "admit", lambda: None)
+            raced = ask(c, "raced")
+            assert raced.headers["x-rpo-personalized"] == "false" and raced.parse().choices[0].message.content == GENERIC
+            reason = store.get_interaction(int(raced.headers["x-rpo-interaction-id"]))["fallback_reason"]
+            assert "max_queued_requests" in reason
+        finally:
+            gate.set()
+        answers = [first.result(), *[f.result() for f in queued]]
+    assert answers[0].headers["x-rpo-personalized"] == "true"
+    assert answers[1].parse().choices[0].message.content == GENERIC.lower()
+    assert "".join(ch.choices[0].delta.content or "" for ch in answers[2].parse()) == GENERIC.lower()
+    assert store.counts()["interactions"] == 4
+    status = httpx.get(server.url + "/v1/rpo/status").json()
+    assert status["requests"]["in_flight"] == 0 and status["queue"]["pending"] == 0
+    assert status["requests"]["refused_busy"] == 3
+
+
 def test_feedback_endpoint(start, store):
     server, _ = start()
     iid = ask(client(server)).parse().rpo["interaction_id"]

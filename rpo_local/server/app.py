@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rpo_local.errors import InputError, NotFound, ReadOnlyDatabase, RpoError, UpstreamError
 from rpo_local.server.daemon import Daemon, describe_error
@@ -30,6 +30,7 @@ def create_app(daemon: Daemon) -> ASGIApp:
 
     async def chat_completions(request: Request) -> Response:
         req: ChatRequest = parse(ChatRequest, await read_json(request, daemon.max_body_bytes))
+        daemon.admit()
         detail = req.rpo_trajectory or truthy(request.headers.get("x-rpo-trajectory"))
         profile, model_named_profile = await run_in_threadpool(daemon.select_profile, req.model, profile_header(request))
         daemon.count("requests")
@@ -114,7 +115,25 @@ def create_app(daemon: Daemon) -> ASGIApp:
         exception_handlers={ApiError: api_error, RpoError: rpo_error, Exception: internal_error},
         lifespan=lifespan,
     )
-    return Guard(app, daemon.allowed_hosts, daemon.api_key)  # type: ignore[return-value]
+    return Guard(InFlight(app, daemon), daemon.allowed_hosts, daemon.api_key)  # type: ignore[return-value]
+
+
+class InFlight:
+    """ASGI middleware counting the chat completions being answered, streamed ones until their
+    last event or the client leaving (the ASGI call returns only then, whatever happened)."""
+
+    def __init__(self, app: ASGIApp, daemon: Daemon) -> None:
+        self.app, self.daemon = app, daemon
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            await self.app(scope, receive, send)
+            return
+        self.daemon.in_flight += 1  # the event loop's thread only: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.daemon.in_flight -= 1
 
 
 def _usage(usage: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from rpo_local.adapters import builtin_name
 from rpo_local.errors import RpoError
 from rpo_local.server.guard import LOOPBACK_NAMES
 from rpo_local.server.request import ApiError
-from rpo_local.server.worker import ReflectionWorker
+from rpo_local.server.worker import QueueFull, ReflectionWorker
 from rpo_local.store import Store
 
 if TYPE_CHECKING:
@@ -69,7 +70,8 @@ class Daemon:
         self.worker = ReflectionWorker(Store.open(store.path) if store.path else store, engine, config)
         self.scheduler: TrainScheduler | None = None  # set by `rpo serve` unless --no-train
         self.started = time.time()
-        self.counts = {"requests": 0, "personalized": 0, "generic": 0, "upstream_errors": 0}
+        self.counts = {"requests": 0, "personalized": 0, "generic": 0, "upstream_errors": 0, "refused_busy": 0}
+        self.in_flight = 0  # chat completions being answered (app.InFlight counts them)
         self._count_lock = threading.Lock()
         store.ensure_profile(config.profile)  # a fresh install serves the default profile
 
@@ -108,13 +110,36 @@ class Daemon:
     def budget_s(self) -> float:
         return self.config.rewrite_timeout_s
 
+    def admit(self) -> None:
+        """Refuse a chat completion before any work (503, Retry-After) while the worker's queue is full:
+        no upstream call is wasted and nothing is recorded."""
+        if self.worker.full():
+            self.count("refused_busy")
+            raise ApiError(503, f"the daemon is busy: {self.worker.limit} rewrites are waiting; retry shortly",
+                           "server_error", "queue_full", headers={"Retry-After": str(self.retry_after_s)})
+
+    @property
+    def retry_after_s(self) -> int:
+        # Every waiting rewrite has a deadline one time budget after it was queued: by then the
+        # queue has drained (pieces past their deadline keep their text at once).
+        return max(1, math.ceil(self.budget_s))
+
+    def submit_rewrite(self, profile: str, generic: str, **kwargs: Any):
+        """The worker's job, or the reason there is none: the queue filled up since `admit`."""
+        try:
+            return self.worker.submit_rewrite(profile, generic, deadline=time.monotonic() + self.budget_s, **kwargs), None
+        except QueueFull as exc:
+            return None, f"no rewrite: {exc}"
+
     async def personalize(self, profile: str, generic: str) -> Outcome:
         """Rewrite `generic` within the time budget; the generic reply whenever that fails."""
         if not generic.strip():
             return await self.finish(profile, generic, None, "the upstream reply is empty")
         # Pieces not started within the budget keep their generic text; the piece in progress
         # may finish (PIECE_GRACE_S), past which the whole generic reply is returned.
-        job = self.worker.submit_rewrite(profile, generic, deadline=time.monotonic() + self.budget_s)
+        job, refused = self.submit_rewrite(profile, generic)
+        if job is None:
+            return await self.finish(profile, generic, None, refused)
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=self.budget_s + PIECE_GRACE_S)
         except (TimeoutError, asyncio.CancelledError) as exc:
@@ -181,8 +206,8 @@ class Daemon:
             "profile": self.config.profile, "engine": self.engine.describe(),
             "adapter": self.adapter_label(self.engine.adapter_path),
             "upstream": getattr(self.upstream, "name", None), "time_budget_s": self.budget_s,
-            "queue": {"pending": self.worker.pending(), **self.worker.stats},
-            "requests": dict(self.counts),
+            "queue": self.worker.queue_status(),
+            "requests": {**self.counts, "in_flight": self.in_flight},
             "training": self.scheduler.status() if self.scheduler else None,
         }
 

@@ -35,15 +35,16 @@ async def stream(daemon: Daemon, profile: str, reply: Any, model: str, detail: b
 
     yield chunk({"role": "assistant", "content": ""})
     generic: str = reply.text
-    if not generic.strip():
-        outcome = await daemon.finish(profile, generic, None, "the upstream reply is empty")
-        yield chunk({}, "stop", rpo=daemon.rpo_info(profile, outcome, detail=detail, generic=generic))
+    job, refused = (None, "the upstream reply is empty") if not generic.strip() else daemon.submit_rewrite(
+        profile, generic, on_text=lambda t: loop.call_soon_threadsafe(events.put_nowait, ("text", t)))
+    if job is None:
+        outcome = await daemon.finish(profile, generic, None, refused)
+        if generic.strip():
+            yield chunk({"content": generic})
+        info = await run_in_threadpool(daemon.rpo_info, profile, outcome, detail=detail, generic=generic)
+        yield chunk({}, "stop", rpo=info)
         yield "data: [DONE]\n\n"
         return
-    job = daemon.worker.submit_rewrite(
-        profile, generic, on_text=lambda t: loop.call_soon_threadsafe(events.put_nowait, ("text", t)),
-        deadline=time.monotonic() + daemon.budget_s,
-    )
     job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, ("done", "")))
     sent: list[str] = []
     reason: str | None = None

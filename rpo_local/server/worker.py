@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 TextSink = Callable[[str], None]
 
 
+class QueueFull(Exception):
+    """As many rewrites wait as the worker may queue (config max_queued_requests)."""
+
+
 class RewriteCancelled(Exception):
     """The request stopped waiting (time budget, client gone): stop generating."""
 
@@ -48,15 +52,18 @@ class _CancellableEngine:
             gen.close()  # releases the engine lock now, not whenever the generator is collected
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity: the worker keeps a set of the waiting ones
 class Job:
     run: Callable[[], Any]
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    on_leave: Callable[[Job], None] | None = None  # called when it stops waiting: started or cancelled
 
     def cancel(self) -> None:
         self.cancelled.set()
         self.future.cancel()
+        if self.on_leave:
+            self.on_leave(self)
 
 
 class ReflectionWorker:
@@ -68,7 +75,11 @@ class ReflectionWorker:
 
     def __init__(self, store: Store, engine: Engine, config: Config) -> None:
         self.store, self.engine, self.config = store, engine, config
+        self.limit = config.max_queued_requests
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._waiting: set[Job] = set()  # rewrites queued and neither started nor cancelled
+        self._running = 0
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.stats = {"done": 0, "failed": 0, "cancelled": 0, "adapter_switches": 0}
 
@@ -82,13 +93,29 @@ class ReflectionWorker:
             self._thread.join(timeout)
 
     def pending(self) -> int:
-        return self._queue.qsize()
+        """Rewrites waiting for the worker (cancelled ones no longer count)."""
+        with self._lock:
+            return len(self._waiting)
+
+    def full(self) -> bool:
+        return self.pending() >= self.limit
+
+    def queue_status(self) -> dict:
+        with self._lock:
+            return {"pending": len(self._waiting), "running": self._running, "limit": self.limit, **self.stats}
+
+    def _leave(self, job: Job) -> None:
+        with self._lock:
+            self._waiting.discard(job)
 
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
+            self._leave(job)
             if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
                 self.stats["cancelled"] += 1
                 continue
+            with self._lock:
+                self._running += 1
             try:
                 job.future.set_result(job.run())
                 self.stats["done"] += 1
@@ -98,6 +125,9 @@ class ReflectionWorker:
             except BaseException as exc:  # reported to the waiting request, never fatal here
                 self.stats["failed"] += 1
                 job.future.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._running -= 1
 
     def submit(self, run: Callable[[], Any]) -> Job:
         job = Job(run)
@@ -107,10 +137,11 @@ class ReflectionWorker:
     def submit_rewrite(
         self, profile: str, generic: str, on_text: TextSink | None = None, deadline: float | None = None
     ) -> Job:
-        """Queue a rewrite; past `deadline` (time.monotonic) its remaining pieces keep their text."""
+        """Queue a rewrite; past `deadline` (time.monotonic) its remaining pieces keep their text.
+        QueueFull when `limit` rewrites already wait."""
         from rpo_local.reflect import Reflector
 
-        job = Job(lambda: None)
+        job = Job(lambda: None, on_leave=self._leave)
 
         def run() -> RewriteResult:
             self.ensure_adapter(profile)
@@ -118,6 +149,10 @@ class ReflectionWorker:
             return reflector.rewrite(generic, profile, log=False, on_text=on_text, source="serve", deadline=deadline)
 
         job.run = run
+        with self._lock:
+            if len(self._waiting) >= self.limit:
+                raise QueueFull(f"{self.limit} rewrites are already waiting (config max_queued_requests)")
+            self._waiting.add(job)
         self._queue.put(job)
         return job
 
