@@ -11,8 +11,9 @@ the answer. Each piece is passed to `on_text` once it is done, verbatim text at 
 from __future__ import annotations
 
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 TextSink = Callable[[str], None]
 NOTHING_TO_REWRITE = "nothing to rewrite (no sentence with words a rewrite could change)"
 TIME_BUDGET = "the time budget ran out before this piece"
+
+
+class RewriteCancelled(Exception):
+    """The caller stopped waiting (`cancelled` was set): generation stopped between two tokens."""
 
 
 @dataclass
@@ -87,10 +92,13 @@ class RewriteResult:
 
 
 class Reflector:
-    def __init__(self, store: Store | None, engine: Engine, config: Config | None = None) -> None:
+    def __init__(self, store: Store | None, engine: Engine, config: Config | None = None, *,
+                 cancelled: threading.Event | None = None) -> None:
+        """`cancelled`: once set, the rewrite in progress raises RewriteCancelled at the next token."""
         self.store = store
         self.engine = engine
         self.config = config or load_config()
+        self.cancelled = cancelled
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -286,13 +294,24 @@ class Reflector:
             analysis.prompt_s + answer.prompt_s, analysis.gen_s + answer.gen_s,
         )
 
+    def _generate(self, prompt: str, **kwargs: object) -> Iterator[str]:
+        """The engine's stream, stopping between tokens once `cancelled` is set."""
+        gen = self.engine.stream(prompt, **kwargs)  # type: ignore[arg-type]
+        try:
+            for piece in gen:
+                if self.cancelled is not None and self.cancelled.is_set():
+                    raise RewriteCancelled
+                yield piece
+        finally:
+            gen.close()  # releases the engine's lock now, not whenever the generator is collected
+
     def _analyse(self, prompt: str) -> tuple[Completion, str]:
         """Phase 1: the style/diff/edits sections, up to `<answer>` (finish_reason "answer"),
         the end of the turn ("stop"), the budget ("length") or a loop ("loop")."""
         cfg = self.config
         analysis = Completion()
         text = ""
-        for piece in self.engine.stream(
+        for piece in self._generate(
             prompt, max_tokens=cfg.trajectory_tokens, stop=self._stops([]),
             temperature=cfg.temperature, seed=cfg.seed, result=analysis,
         ):
@@ -314,7 +333,7 @@ class Reflector:
         answer = Completion()
         streamer = prompts.AnswerStreamer()
         looped = None
-        for piece in self.engine.stream(
+        for piece in self._generate(
             prompt, max_tokens=self._answer_budget(generic), stop=self._stops(prompts.ANSWER_STOPS),
             temperature=cfg.temperature, seed=cfg.seed, result=answer, draft=generic,
         ):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from fakes import FakeEngine, generic_of
 
 from rpo_local.config import Config
 from rpo_local.errors import ProfileNotFound
-from rpo_local.reflect import Reflector
+from rpo_local.reflect import Reflector, RewriteCancelled
 
 
 @pytest.fixture
@@ -25,6 +27,32 @@ def test_rewrite_streams_records_and_uses_retrieved_items(ann, fake_engine):
     row = ann.get_interaction(r.interaction_id)
     assert row["rewrite"] == r.rewrite and row["retrieved_ids"] == [x["id"] for x in r.retrieved]
     assert row["fallback"] == 0 and row["model"] == "fake-model.gguf"
+
+
+def test_a_set_cancel_event_stops_generation_between_tokens_and_frees_the_engine(ann, fake_engine):
+    cancelled = threading.Event()
+    generated: list[str] = []
+
+    def cancel_after_first(text: str) -> None:
+        generated.append(text)
+        cancelled.set()  # set after the first piece: the second stops at its first token
+
+    reflector = Reflector(ann, fake_engine, Config(), cancelled=cancelled)
+    with pytest.raises(RewriteCancelled):
+        reflector.rewrite("The Dog needs a walk. The Cat sleeps.", "ann", on_text=cancel_after_first, log=False)
+    assert "".join(generated).strip() == "the dog needs a walk."  # the second piece was never finished
+    assert len(fake_engine.prompts) == 3  # both phases of the first piece, then one token of the second
+    acquired: list[bool] = []
+
+    def take_and_give_back() -> None:
+        acquired.append(fake_engine.lock.acquire(timeout=1))
+        if acquired[-1]:
+            fake_engine.lock.release()
+
+    other = threading.Thread(target=take_and_give_back)
+    other.start()
+    other.join(2)
+    assert acquired == [True], "the engine's lock was released"
 
 
 def test_no_answer_falls_back_to_generic_and_says_so(ann):

@@ -540,6 +540,38 @@ def test_offline_default_upstream_is_the_local_model_without_adapter(store, real
     assert base.adapter_path is None and base is not real_engine
 
 
+def test_no_database_write_runs_on_the_event_loop(start, store, monkeypatch):
+    """Plain, streamed and abandoned streams all record their interaction off the event loop's thread."""
+    import asyncio
+
+    def slow_answer(prompt: str) -> str:
+        if prompt.endswith("<answer>"):
+            time.sleep(0.3)
+        return lowercasing_responder(prompt)
+
+    server, daemon = start(FakeEngine(slow_answer))
+    on_loop: list[bool] = []
+    record = daemon.record
+
+    def checked(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(daemon, "record", checked)
+    ask(client(server))
+    list(client(server).chat.completions.create(model="rpo:alice", messages=[{"role": "user", "content": "hi"}],
+                                                stream=True))
+    body = {"model": "rpo:alice", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        next(resp.iter_lines())  # then hang up
+    _wait_for(lambda: len(on_loop) == 3)
+    assert on_loop == [False, False, False]
+
+
 def test_client_leaving_mid_stream_stops_the_rewrite_and_keeps_the_record(start, store):
     def slow_answer(prompt: str) -> str:
         if prompt.endswith("<answer>"):
@@ -555,3 +587,7 @@ def test_client_leaving_mid_stream_stops_the_rewrite_and_keeps_the_record(start,
         time.sleep(0.05)
     rows = store.list_interactions("alice")
     assert len(rows) == 1 and rows[0]["fallback_reason"] == "the client disconnected"
+    deadline = time.monotonic() + 10
+    while daemon.worker.stats["cancelled"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon.worker.stats["cancelled"] == 1, "the rewrite stopped generating"

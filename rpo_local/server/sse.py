@@ -7,12 +7,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from rpo_local.reflect import RewriteCancelled
 from rpo_local.server.daemon import Daemon, describe_error
-from rpo_local.server.worker import RewriteCancelled
 
 
 def completion_id() -> str:
@@ -83,4 +84,6 @@ async def stream(daemon: Daemon, profile: str, reply: Any, model: str, detail: b
     finally:
         if not finished:  # the client went away mid-stream: stop generating, keep the record
             job.cancel()
-            daemon.record(profile, generic, None, "the client disconnected", "".join(sent) or None)
+            # Written in a thread, never on the event loop; not awaited: this task is being cancelled.
+            loop.run_in_executor(None, partial(daemon.record, profile, generic, None, "the client disconnected",
+                                               "".join(sent) or None))

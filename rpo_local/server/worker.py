@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rpo_local.adapters import resolve_adapter
+from rpo_local.reflect import Reflector, RewriteCancelled, TextSink
 
 if TYPE_CHECKING:
     from rpo_local.config import Config
@@ -20,36 +21,8 @@ if TYPE_CHECKING:
     from rpo_local.reflect import RewriteResult
     from rpo_local.store import Store
 
-TextSink = Callable[[str], None]
-
-
 class QueueFull(Exception):
     """As many rewrites wait as the worker may queue (config max_queued_requests)."""
-
-
-class RewriteCancelled(Exception):
-    """The request stopped waiting (time budget, client gone): stop generating."""
-
-
-class _CancellableEngine:
-    """The reflection engine, aborting between tokens once the request stopped waiting."""
-
-    def __init__(self, engine: Engine, cancelled: threading.Event) -> None:
-        self._engine = engine
-        self._cancelled = cancelled
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def stream(self, prompt: str, **kwargs: Any):
-        gen = self._engine.stream(prompt, **kwargs)
-        try:
-            for piece in gen:
-                if self._cancelled.is_set():
-                    raise RewriteCancelled
-                yield piece
-        finally:
-            gen.close()  # releases the engine lock now, not whenever the generator is collected
 
 
 @dataclass(eq=False)  # hashable by identity: the worker keeps a set of the waiting ones
@@ -139,13 +112,11 @@ class ReflectionWorker:
     ) -> Job:
         """Queue a rewrite; past `deadline` (time.monotonic) its remaining pieces keep their text.
         QueueFull when `limit` rewrites already wait."""
-        from rpo_local.reflect import Reflector
-
         job = Job(lambda: None, on_leave=self._leave)
 
         def run() -> RewriteResult:
             self.ensure_adapter(profile)
-            reflector = Reflector(self.store, _CancellableEngine(self.engine, job.cancelled), self.config)
+            reflector = Reflector(self.store, self.engine, self.config, cancelled=job.cancelled)
             return reflector.rewrite(generic, profile, log=False, on_text=on_text, source="serve", deadline=deadline)
 
         job.run = run
