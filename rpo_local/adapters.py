@@ -69,6 +69,22 @@ def builtin_name(path: str | Path | None) -> str | None:
     return None
 
 
+def adapter_label(store: Store | None, path: str | Path | None) -> str | None:
+    """The name an adapter file is shown by: the shipped adapter's, else the registered one, else
+    the file's name. None: no adapter (the bare base model)."""
+    if not path:
+        return None
+    if builtin := builtin_name(path):
+        return builtin
+    row = store.adapter_by_path(path) if store is not None else None
+    return row["name"] if row else Path(path).name
+
+
+def adapter_in_use(store: Store | None, profile: str, model_path: Path | None = None) -> str | None:
+    """The name of the adapter `profile` runs with now (None: the bare base model)."""
+    return adapter_label(store, resolve_adapter(store, profile, model_path))
+
+
 def resolve_adapter(store: Store | None, profile: str, model_path: Path | None = None) -> Path | None:
     """The adapter file `profile` should run with (None: the bare base model)."""
     if store is not None:

@@ -81,3 +81,9 @@ class TrainingBusy(RpoError):
 
 
 EXIT_INTERRUPTED = 130
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the user: an RpoError's own message, else the exception's type and text
+    (the traceback goes to the log, not here)."""
+    return exc.message if isinstance(exc, RpoError) else f"{type(exc).__name__}: {exc}"

@@ -156,21 +156,7 @@ class Reflector:
         result = self._combine(profile, generic, "".join(out), pieces, trajectories, list(retrieved.values()), notes)
         result.total_s = time.perf_counter() - start
         if log and self.store is not None:
-            result.interaction_id = self.store.record_interaction(
-                profile,
-                source=source,
-                input=generic,
-                rewrite=result.rewrite,
-                trajectory=result.trajectory,
-                fallback=result.fallback,
-                fallback_reason=result.fallback_reason,
-                model=result.model,
-                adapter=result.adapter,
-                retrieved_ids=[it["id"] for it in result.retrieved],
-                latency_ms=round(result.total_s * 1000, 1),
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-            )
+            result.interaction_id = self.store.record_interaction(profile, **interaction_row(source, generic, result))
         return result
 
     def rewrite_with_items(self, generic: str, items: list[str], *, fmt: str | None = None) -> ChunkResult:
@@ -390,6 +376,27 @@ class Reflector:
             notes=notes,
             pieces=pieces,
         )
+
+def interaction_row(source: str, generic: str, result: RewriteResult | None, *, sent: str | None = None,
+                    reason: str | None = None, engine: Engine | None = None) -> dict:
+    """The fields of `Store.record_interaction` for a reply as the user got it: `sent` (default:
+    the rewrite, or the generic reply when there is none or `reason` says why it was not used)."""
+    if result is not None and reason is None:
+        text, fallback, why = result.rewrite if sent is None else sent, result.fallback, result.fallback_reason
+    else:
+        text, fallback, why = generic if sent is None else sent, True, reason
+    row: dict = {"source": source, "input": generic, "rewrite": text, "fallback": fallback, "fallback_reason": why}
+    if result is not None:
+        row.update(
+            trajectory=result.trajectory, model=result.model, adapter=result.adapter,
+            retrieved_ids=[it["id"] for it in result.retrieved], latency_ms=round(result.total_s * 1000, 1),
+            prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+        )
+    elif engine is not None:  # no rewrite: the model and adapter that would have written it
+        row.update(model=getattr(engine.model_path, "name", None),
+                   adapter=str(engine.adapter_path) if engine.adapter_path else None)
+    return row
+
 
 def keeps_content(answer: str, generic: str, minimum: float) -> bool:
     """Does `answer` keep at least `minimum` of `generic`'s content words (a rewrite of it)?

@@ -23,25 +23,16 @@ def _builtin_entries() -> list[dict]:
             for name, path in builtins_for()]
 
 
-def _in_use(store: Store, profile: str) -> str | None:
-    """The name of the adapter `profile` runs with now (None: the bare base model)."""
-    from rpo_local.adapters import builtin_for
-
-    activation = store.active_activation(profile)
-    if activation is not None:
-        return store.get_adapter(activation["adapter_id"])["name"] if activation["adapter_id"] else None
-    found = builtin_for()
-    return found[0] if found else None
-
-
 @app.command("list")
 def list_(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
     """Adapters usable by the profile (general ones and its own); * marks the one in use.
     Adapters are not per profile: a profile with no history yet lists the general ones."""
     name = profile_name(profile)
+    from rpo_local.adapters import adapter_in_use
+
     with open_store() as store:
         rows = store.list_adapters(name)
-        active = _in_use(store, name)
+        active = adapter_in_use(store, name)
     registered = {r["name"] for r in rows}  # a builtin used once is registered: listed with the others
     entries = [b for b in _builtin_entries() if b["name"] not in registered] + [
         {**r, "builtin": False, "exists": Path(r["path"]).is_file()} for r in rows
@@ -115,11 +106,13 @@ def _builtin_row(store: Store, name: str) -> dict:
 @app.command("rollback")
 def rollback(profile: ProfileOpt = None) -> None:
     """Undo the profile's last activation: the adapter before it is active again."""
+    from rpo_local.adapters import adapter_in_use
+
     name = profile_name(profile)
     with open_store() as store:
         store.get_profile(name)
         store.rollback_adapter(name)
-        now_using = _in_use(store, name)
+        now_using = adapter_in_use(store, name)
     note(f"profile {name!r} now uses " + (f"adapter {now_using!r}" if now_using else "the bare base model"))
 
 

@@ -22,7 +22,7 @@ One module per responsibility:
 
 from rpo_local.reflect import RewriteCancelled
 from rpo_local.server.app import create_app
-from rpo_local.server.daemon import MAX_BODY_BYTES, PIECE_GRACE_S, Daemon, Outcome, describe_error
+from rpo_local.server.daemon import MAX_BODY_BYTES, PIECE_GRACE_S, Daemon, Outcome
 from rpo_local.server.guard import LOOPBACK_NAMES, Guard, host_name
 from rpo_local.server.listen import DEFAULT_PORT, BackgroundServer, bind, check_host, is_loopback, run
 from rpo_local.server.request import ApiError, error_response, parse, profile_header, read_json
@@ -32,6 +32,6 @@ from rpo_local.server.worker import Job, QueueFull, ReflectionWorker, TextSink
 __all__ = [
     "DEFAULT_PORT", "LOOPBACK_NAMES", "MAX_BODY_BYTES", "PIECE_GRACE_S", "ApiError", "BackgroundServer",
     "ChatRequest", "Daemon", "FeedbackRequest", "Guard", "Job", "Message", "Outcome", "QueueFull", "ReflectionWorker",
-    "RewriteCancelled", "TextSink", "bind", "check_host", "create_app", "describe_error", "error_response",
+    "RewriteCancelled", "TextSink", "bind", "check_host", "create_app", "error_response",
     "host_name", "is_loopback", "parse", "profile_header", "read_json", "run",
 ]

@@ -15,8 +15,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from rpo_local import errors
 from rpo_local.errors import InputError, NotFound, ReadOnlyDatabase, RpoError, UpstreamError
-from rpo_local.server.daemon import Daemon, describe_error
+from rpo_local.server.daemon import Daemon
 from rpo_local.server.guard import Guard
 from rpo_local.server.request import ApiError, error_response, header_value, parse, profile_header, read_json, truthy
 from rpo_local.server.schema import ChatRequest, FeedbackRequest
@@ -98,11 +99,11 @@ def create_app(daemon: Daemon) -> ASGIApp:
     async def rpo_error(request: Request, exc: Exception) -> Response:
         status = (404 if isinstance(exc, NotFound) else 400 if isinstance(exc, InputError)
                   else 503 if isinstance(exc, ReadOnlyDatabase) else 500)
-        return error_response(status, describe_error(exc), "invalid_request_error" if status < 500 else "server_error")
+        return error_response(status, errors.describe_error(exc), "invalid_request_error" if status < 500 else "server_error")
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.error("internal error on %s", request.url.path, exc_info=exc)
-        return error_response(500, f"internal error: {describe_error(exc)}", "server_error")
+        return error_response(500, f"internal error: {errors.describe_error(exc)}", "server_error")
 
     app = Starlette(
         routes=[

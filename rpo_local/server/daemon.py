@@ -15,9 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
-from rpo_local import __version__, names
-from rpo_local.adapters import builtin_name
-from rpo_local.errors import RpoError
+from rpo_local import __version__, adapters, errors, names, reflect
 from rpo_local.server.guard import LOOPBACK_NAMES
 from rpo_local.server.request import ApiError
 from rpo_local.server.worker import QueueFull, ReflectionWorker
@@ -96,13 +94,8 @@ class Daemon:
         return name, from_model
 
     def adapter_label(self, path: str | Path | None) -> str | None:
-        if not path:
-            return None
-        if builtin := builtin_name(path):
-            return builtin
         with self.db_lock:
-            row = self.store.adapter_by_path(path)
-        return row["name"] if row else Path(path).name
+            return adapters.adapter_label(self.store, path)
 
     # -- personalization ------------------------------------------------------------------------
 
@@ -149,7 +142,7 @@ class Daemon:
             return await self.finish(profile, generic, None, f"the rewrite exceeded the time budget ({self.budget_s:g} s)")
         except Exception as exc:
             log.error("rewrite failed (profile %r)", profile, exc_info=exc)
-            return await self.finish(profile, generic, None, f"the rewrite failed: {describe_error(exc)}")
+            return await self.finish(profile, generic, None, f"the rewrite failed: {errors.describe_error(exc)}")
         return await self.finish(profile, generic, result, None)
 
     async def finish(self, profile: str, generic: str, result: RewriteResult | None, reason: str | None,
@@ -159,24 +152,10 @@ class Daemon:
     def record(self, profile: str, generic: str, result: RewriteResult | None, reason: str | None,
                text: str | None = None) -> Outcome:
         """Record the interaction as the client received it (`text` overrides what was sent)."""
-        if result is not None and reason is None:
-            sent = result.rewrite if text is None else text
-            outcome = Outcome(sent, not result.fallback, result.fallback_reason, result)
-        else:
-            outcome = Outcome(generic if text is None else text, False, reason, result)
-        fields: dict[str, Any] = {
-            "source": "serve", "input": generic, "rewrite": outcome.text, "fallback": not outcome.personalized,
-            "fallback_reason": outcome.reason, "model": getattr(self.engine.model_path, "name", None),
-            "adapter": str(self.engine.adapter_path) if self.engine.adapter_path else None,
-        }
-        if result is not None:
-            fields.update(
-                trajectory=result.trajectory, model=result.model, adapter=result.adapter,
-                retrieved_ids=[r["id"] for r in result.retrieved], latency_ms=round(result.total_s * 1000, 1),
-                prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-            )
+        row = reflect.interaction_row("serve", generic, result, sent=text, reason=reason, engine=self.engine)
+        outcome = Outcome(row["rewrite"], not row["fallback"], row["fallback_reason"], result)
         with self.db_lock:
-            outcome.interaction_id = self.store.record_interaction(profile, **fields)
+            outcome.interaction_id = self.store.record_interaction(profile, **row)
         self.count("personalized" if outcome.personalized else "generic")
         return outcome
 
@@ -210,7 +189,3 @@ class Daemon:
             "requests": {**self.counts, "in_flight": self.in_flight},
             "training": self.scheduler.status() if self.scheduler else None,
         }
-
-
-def describe_error(exc: BaseException) -> str:
-    return exc.message if isinstance(exc, RpoError) else f"{type(exc).__name__}: {exc}"

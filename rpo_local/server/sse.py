@@ -12,8 +12,9 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from rpo_local import errors
 from rpo_local.reflect import RewriteCancelled
-from rpo_local.server.daemon import Daemon, describe_error
+from rpo_local.server.daemon import Daemon
 
 
 def completion_id() -> str:
@@ -68,7 +69,7 @@ async def stream(daemon: Daemon, profile: str, reply: Any, model: str, detail: b
         if reason is None:
             exc = job.future.exception() if not job.future.cancelled() else RewriteCancelled()
             if exc is not None:
-                reason = f"the rewrite failed: {describe_error(exc)}"
+                reason = f"the rewrite failed: {errors.describe_error(exc)}"
             else:
                 result = job.future.result()
         if reason is not None:

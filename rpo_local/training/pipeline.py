@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rpo_local import paths, prompts
+from rpo_local import errors, paths, prompts
 from rpo_local.adapters import resolve_adapter
 from rpo_local.config import Config, load_config
 from rpo_local.errors import InputError, ModelError, RpoError, TrainingBusy
@@ -237,7 +237,7 @@ def _recorded(store: Store, profile: str, cfg: SFTConfig, lamp: Path | None, lam
     except RpoError as exc:
         return run.finish(Outcome("failed", None, exc.message, exit_code=exc.exit_code), error=exc.message)
     except BaseException as exc:  # Ctrl-C or a bug: the row must not stay "running"
-        run.finish(Outcome("failed", None, f"{type(exc).__name__}: {exc}"), error=traceback.format_exc())
+        run.finish(Outcome("failed", None, errors.describe_error(exc)), error=traceback.format_exc())
         raise
 
 

@@ -14,9 +14,10 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Input, TextArea
 
+from rpo_local import errors
 from rpo_local.errors import RpoError
 from rpo_local.tui.adapters_screen import AdaptersScreen
-from rpo_local.tui.chat_screen import ChatScreen, describe_error
+from rpo_local.tui.chat_screen import ChatScreen
 from rpo_local.tui.history_screen import HistoryScreen
 from rpo_local.tui.modals import PickScreen
 from rpo_local.tui.pipeline import ChatPipeline
@@ -65,7 +66,7 @@ class ChatApp(App):
         try:
             adapter = pipeline.adapter_name()
         except Exception as exc:
-            adapter = f"? ({describe_error(exc)})"
+            adapter = f"? ({errors.describe_error(exc)})"
         self.sub_title = f"{pipeline.profile} · adapter {adapter} · upstream {pipeline.upstream_name()}"
 
     @work(thread=True, exclusive=True, group="load", exit_on_error=False)
@@ -75,7 +76,7 @@ class ChatApp(App):
             self.pipeline.ensure_ready()
         except Exception as exc:
             self.call_from_thread(
-                self.notify, describe_error(exc), title="model not loaded", severity="error", timeout=10
+                self.notify, errors.describe_error(exc), title="model not loaded", severity="error", timeout=10
             )
             return
         self.call_from_thread(self.refresh_titles)
@@ -86,7 +87,7 @@ class ChatApp(App):
         try:
             self.pipeline.apply_adapter()
         except Exception as exc:
-            self.call_from_thread(self.notify, f"adapter not applied: {describe_error(exc)}", severity="error")
+            self.call_from_thread(self.notify, f"adapter not applied: {errors.describe_error(exc)}", severity="error")
             return
         self.call_from_thread(self.refresh_titles)
 

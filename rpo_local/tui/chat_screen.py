@@ -13,6 +13,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static, TextArea
 
+from rpo_local import errors
 from rpo_local.errors import RpoError
 from rpo_local.tui.modals import EditScreen, PickScreen, text_area
 from rpo_local.tui.pipeline import Turn
@@ -43,10 +44,6 @@ class Coalescer:
             text, self.pending = "".join(self.pending), []
             self.last = time.monotonic()
             self.emit(text)
-
-
-def describe_error(exc: BaseException) -> str:
-    return exc.message if isinstance(exc, RpoError) else f"{type(exc).__name__}: {exc}"
 
 
 class ChatScreen(Screen):
@@ -151,7 +148,7 @@ class ChatScreen(Screen):
         except Stopped:
             call(self._failed, widget, text, stored, "stopped: the reply was not kept", "warning")
         except Exception as exc:
-            call(self._failed, widget, text, stored, describe_error(exc))
+            call(self._failed, widget, text, stored, errors.describe_error(exc))
 
     def _sink(self, stream: Coalescer, chunk: str) -> None:
         """Worker side of streaming: raising here ends the model's generation loop."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rpo_local.errors import InputError
@@ -83,15 +82,9 @@ class ChatPipeline:
 
     def adapter_name(self) -> str:
         """The adapter the profile uses, as shown in the header."""
-        from rpo_local.adapters import builtin_name, resolve_adapter
+        from rpo_local.adapters import adapter_in_use
 
-        path = resolve_adapter(self.store, self.profile)
-        if path is None:
-            return "none"
-        if builtin := builtin_name(path):
-            return builtin
-        active = self.store.active_adapter(self.profile)
-        return active["name"] if active else Path(path).name
+        return adapter_in_use(self.store, self.profile) or "none"
 
     def apply_adapter(self) -> None:
         """Hot-swap the loaded model to the profile's current adapter (after activate/rollback)."""
