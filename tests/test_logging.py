@@ -34,6 +34,30 @@ def test_a_failing_rewrite_is_logged_with_its_traceback(store, caplog):
     assert "Traceback" in caplog.text and "llama.cpp exploded" in caplog.text
 
 
+def test_a_failing_streamed_rewrite_and_adapter_switch_are_logged_once_each(store, caplog, tmp_path):
+    store.add_items("alice", [{"text": "lol ok"}])
+    with FakeUpstream() as up:
+        daemon = Daemon(store=store, engine=FakeEngine(broken), upstream=OpenAIUpstream(up.url), config=load_config())
+        with BackgroundServer(create_app(daemon)) as server, caplog.at_level(logging.ERROR):
+            r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+                "model": "rpo:alice", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200 and up.reply in r.text
+            assert "the rewrite failed: RuntimeError: llama.cpp exploded" in r.text  # one line for the user
+
+            def bad_adapter(path, scale=1.0):
+                raise OSError(f"cannot read {path}")
+
+            daemon.worker.ensure_adapter = lambda profile: bad_adapter(tmp_path / "gone.gguf")
+            daemon.worker.switch_adapter("alice")  # what the scheduler does after a run: nobody waits on it
+            deadline = time.monotonic() + 10
+            while daemon.worker.stats["failed"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+    records = [r for r in caplog.records if r.name == "rpo_local.server"]
+    assert [r.getMessage() for r in records] == [
+        "the rewrite for profile 'alice' failed", "the adapter switch for profile 'alice' failed"]
+    assert [r.exc_info[0] for r in records] == [RuntimeError, OSError]
+
+
 def test_a_scheduler_bug_is_logged_and_the_scheduler_keeps_watching(store, caplog, monkeypatch):
     calls: list[int] = []
 

@@ -4,7 +4,6 @@ record the interaction as the client received it, and never lose the reply."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import threading
 import time
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 1_000_000
 PIECE_GRACE_S = 10.0  # a piece started within the time budget may take this much longer
-log = logging.getLogger(__package__)  # one logger for the daemon: rpo_local.server
 
 
 @dataclass
@@ -140,8 +138,7 @@ class Daemon:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return await self.finish(profile, generic, None, f"the rewrite exceeded the time budget ({self.budget_s:g} s)")
-        except Exception as exc:
-            log.error("rewrite failed (profile %r)", profile, exc_info=exc)
+        except Exception as exc:  # the worker logged it with its traceback
             return await self.finish(profile, generic, None, f"the rewrite failed: {errors.describe_error(exc)}")
         return await self.finish(profile, generic, result, None)
 

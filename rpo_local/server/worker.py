@@ -4,6 +4,7 @@ rewrites share."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from rpo_local.adapters import resolve_adapter
 from rpo_local.reflect import Reflector, RewriteCancelled, TextSink
+
+log = logging.getLogger(__package__)  # the daemon's logger: rpo_local.server
 
 if TYPE_CHECKING:
     from rpo_local.config import Config
@@ -31,6 +34,7 @@ class Job:
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     on_leave: Callable[[Job], None] | None = None  # called when it stops waiting: started or cancelled
+    what: str = "a job"  # for the log
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -95,15 +99,16 @@ class ReflectionWorker:
             except RewriteCancelled:
                 self.stats["cancelled"] += 1
                 job.future.set_exception(RewriteCancelled())
-            except BaseException as exc:  # reported to the waiting request, never fatal here
+            except BaseException as exc:  # logged once here, with its traceback; the request gets one line
                 self.stats["failed"] += 1
+                log.error("%s failed", job.what, exc_info=exc)
                 job.future.set_exception(exc)
             finally:
                 with self._lock:
                     self._running -= 1
 
-    def submit(self, run: Callable[[], Any]) -> Job:
-        job = Job(run)
+    def submit(self, run: Callable[[], Any], what: str) -> Job:
+        job = Job(run, what=what)
         self._queue.put(job)
         return job
 
@@ -112,7 +117,7 @@ class ReflectionWorker:
     ) -> Job:
         """Queue a rewrite; past `deadline` (time.monotonic) its remaining pieces keep their text.
         QueueFull when `limit` rewrites already wait."""
-        job = Job(lambda: None, on_leave=self._leave)
+        job = Job(lambda: None, on_leave=self._leave, what=f"the rewrite for profile {profile!r}")
 
         def run() -> RewriteResult:
             self.ensure_adapter(profile)
@@ -138,4 +143,4 @@ class ReflectionWorker:
 
     def switch_adapter(self, profile: str) -> None:
         """Queue a switch to the profile's (new) adapter: it happens between two requests."""
-        self.submit(lambda: self.ensure_adapter(profile))
+        self.submit(lambda: self.ensure_adapter(profile), f"the adapter switch for profile {profile!r}")
