@@ -149,6 +149,30 @@ def test_send_toggle_edit_accept_and_store_agrees(store, fake_engine):
     run(scenario)
 
 
+@pytest.mark.parametrize(("answers", "kind"), [(True, "personalized"), (False, "generic kept")])
+def test_header_and_footer_say_the_same_outcome(store, answers, kind):
+    """A fallback reply is never titled "personalized" while its footer says "generic kept"."""
+    from fakes import FakeEngine, lowercasing_responder
+
+    from rpo_local.tui.widgets import AssistantTurn
+
+    seed(store)
+    no_answer = lambda prompt: "writes in lowercase</style>"  # noqa: E731 - the model never answers
+    app = make_app(store, FakeEngine(lowercasing_responder if answers else no_answer))
+
+    async def scenario() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await send(app, pilot, "Is the ramen good?")
+            turn = app.screen.query_one(AssistantTurn)
+            assert turn.turn.fallback is not answers
+            assert turn.border_title == f"assistant · {kind}" and turn.border_subtitle.startswith(f"{kind}: ")
+            turn.focus()
+            await pilot.press("g")
+            assert turn.border_title == "assistant · generic" and turn.border_subtitle.startswith(f"{kind}: ")
+
+    run(scenario)
+
+
 def test_upstream_down_is_a_notification_not_a_crash(store, fake_engine):
     from rpo_local.tui.widgets import AssistantTurn
 

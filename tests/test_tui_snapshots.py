@@ -47,6 +47,14 @@ class TestChatScreen:
     def test_trajectory_panel(self, snap_compare, app):
         assert snap_compare(app, run_before=focus_reply, press=["t"], terminal_size=(100, 30))
 
+    def test_generic_kept(self, snap_compare, store):
+        """The model gives no usable answer: header and footer both say the generic reply was kept."""
+        from fakes import FakeEngine
+
+        seed(store)
+        app = make_app(store, FakeEngine(lambda prompt: "writes in lowercase</style>"))
+        assert snap_compare(app, run_before=focus_reply)
+
 
 class TestFeedback:
     def test_edit_dialog(self, snap_compare, app):

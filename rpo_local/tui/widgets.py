@@ -14,7 +14,6 @@ from textual.widgets.collapsible import CollapsibleTitle
 from rpo_local.tui.diff import change_ratio, diff_text
 from rpo_local.tui.pipeline import Turn
 
-VIEWS = ("personalized", "generic", "diff")
 VERDICT_LABELS = {"accepted": "✓ accepted", "edited": "✎ edited", "rejected": "✗ rejected"}
 
 
@@ -36,7 +35,7 @@ class AssistantTurn(Vertical, can_focus=True):
         Binding("r", "feedback('rejected')", "Reject"),
     ]
 
-    view: reactive[str] = reactive("personalized", init=False)
+    view: reactive[str] = reactive("reply", init=False)  # the reply as sent, "generic" or "diff"
 
     class Feedback(Message):
         """The user rated this turn (`verdict`), or asked to edit it (`verdict` 'edit')."""
@@ -77,7 +76,7 @@ class AssistantTurn(Vertical, can_focus=True):
 
     def append(self, text: str) -> None:
         self.streamed += text
-        if self.view == "personalized":
+        if self.view == "reply":
             self.shown = self.streamed
             self.query_one(".body", Static).update(self.streamed)
 
@@ -96,10 +95,10 @@ class AssistantTurn(Vertical, can_focus=True):
         self._refresh()
 
     def action_toggle_generic(self) -> None:
-        self.view = "personalized" if self.view == "generic" else "generic"
+        self.view = "reply" if self.view == "generic" else "generic"
 
     def action_toggle_diff(self) -> None:
-        self.view = "personalized" if self.view == "diff" else "diff"
+        self.view = "reply" if self.view == "diff" else "diff"
 
     def action_toggle_details(self) -> None:
         details = self.query_one(Collapsible)
@@ -133,8 +132,10 @@ class AssistantTurn(Vertical, can_focus=True):
         else:
             self.shown = self.generic if self.view == "generic" else self.streamed
             body.update(self.shown)
-        self.border_title = f"assistant · {self.view}"
         turn = self.turn
+        kind, detail = outcome(turn) if turn is not None else (None, None)
+        title = kind if self.view == "reply" else self.view  # no outcome yet while it streams
+        self.border_title = f"assistant · {title}" if title else "assistant"
         rated = turn is not None and turn.verdict is not None
         for name in ("accept", "reject"):
             self.query_one(f".btn-{name}", Button).disabled = turn is None or rated
@@ -143,14 +144,16 @@ class AssistantTurn(Vertical, can_focus=True):
         if turn is None:
             return
         self.query_one(".verdict", Label).update(VERDICT_LABELS.get(turn.verdict or "", ""))
-        self.set_status(_status(turn))
+        self.set_status(f"{kind}: {detail}")
         self.query_one(".details-body", Static).update(details_text(turn))
 
 
-def _status(turn: Turn) -> str:
+def outcome(turn: Turn) -> tuple[str, str]:
+    """What became of the reply, and why: the header and the footer both say this one outcome."""
     if turn.fallback:
-        return f"generic kept: {turn.fallback_reason or 'no rewrite'}"
-    return f"{change_ratio(turn.generic, turn.rewrite):.0%} of words changed"
+        return "generic kept", turn.fallback_reason or "no rewrite"
+    changed = f"{change_ratio(turn.generic, turn.rewrite):.0%} of words changed"
+    return "personalized", changed + (f"; {turn.fallback_reason}" if turn.fallback_reason else "")
 
 
 def details_text(turn: Turn) -> str:
