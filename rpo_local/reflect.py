@@ -280,9 +280,11 @@ class Reflector:
             analysis.prompt_s + answer.prompt_s, analysis.gen_s + answer.gen_s,
         )
 
-    def _generate(self, prompt: str, **kwargs: object) -> Iterator[str]:
+    def _generate(self, prompt: str, *, max_tokens: int, stop: list[str], temperature: float, seed: int,
+                  result: Completion, draft: str | None = None) -> Iterator[str]:
         """The engine's stream, stopping between tokens once `cancelled` is set."""
-        gen = self.engine.stream(prompt, **kwargs)  # type: ignore[arg-type]
+        gen = self.engine.stream(prompt, max_tokens=max_tokens, stop=stop, temperature=temperature, seed=seed,
+                                 result=result, draft=draft)
         try:
             for piece in gen:
                 if self.cancelled is not None and self.cancelled.is_set():

@@ -42,6 +42,7 @@ def test_help_names_the_time_limits_and_their_settings(cli, monkeypatch):
     out = cli("serve", "--help").stdout
     assert "--upstream-timeout" in out and "upstream_timeout_s; default 120" in out
     assert "--timeout" in out and "rewrite_timeout_s; default 30" in out
+    assert "--max-queued" in out and "max_queued_requests; default 32" in out
 
 
 def test_help_does_not_import_heavy_modules():

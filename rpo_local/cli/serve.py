@@ -23,6 +23,7 @@ def serve(
     model: Annotated[Path | None, typer.Option("--model", "-m", help="GGUF reflection model")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=0.1, help=f"Rewrite time budget, s (config rewrite_timeout_s; default {Config.rewrite_timeout_s:g})")] = None,
     upstream_timeout: Annotated[float | None, typer.Option("--upstream-timeout", min=0.1, help=f"Wait this long for a remote upstream, then 504, s (config upstream_timeout_s; default {Config.upstream_timeout_s:g})")] = None,
+    max_queued: Annotated[int | None, typer.Option("--max-queued", min=1, max=100_000, help=f"Rewrites that may wait for the worker, then 503 (config max_queued_requests; default {Config.max_queued_requests})")] = None,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes (413 above)")] = 1_000_000,
     train: Annotated[bool, typer.Option("--train/--no-train", help="Fine-tune periodically in the background")] = True,
     train_check: Annotated[float, typer.Option("--train-check", min=1.0, help="Seconds between checks for new material")] = 60.0,
@@ -44,6 +45,7 @@ def serve(
     config.upstream_model = upstream_model or config.upstream_model
     config.rewrite_timeout_s = timeout or config.rewrite_timeout_s
     config.upstream_timeout_s = upstream_timeout or config.upstream_timeout_s
+    config.max_queued_requests = max_queued or config.max_queued_requests
     srv.check_host(host, allow_remote)
     sock = srv.bind(host, port)  # a busy port fails before the models load
     store = Store.open()

@@ -1,9 +1,9 @@
 """The guard in front of every route: a loopback Host header (against DNS rebinding) and, when
 set, the bearer token.
 
-Not Starlette's TrustedHostMiddleware: it refuses with a plain-text 400 that cannot be changed,
-while an OpenAI client needs a JSON error it can show (403 `forbidden_host`), and it does not
-accept the trailing-dot form of a name (`localhost.`).
+Not Starlette's TrustedHostMiddleware: its refusal is a fixed plain-text 400 ("Invalid host
+header"), while a client of this OpenAI-compatible API gets an OpenAI-style JSON error it can
+show (403 `forbidden_host`); the token check needs a middleware here anyway.
 """
 
 from __future__ import annotations
