@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from rpo_local import __version__, adapters, errors, names, reflect
 from rpo_local.server.guard import LOOPBACK_NAMES
 from rpo_local.server.request import ApiError
-from rpo_local.server.worker import QueueFull, ReflectionWorker
+from rpo_local.server.worker import Job, QueueFull, ReflectionWorker
 from rpo_local.store import Store
 
 if TYPE_CHECKING:
@@ -111,11 +111,11 @@ class Daemon:
 
     @property
     def retry_after_s(self) -> int:
-        # Every waiting rewrite has a deadline one time budget after it was queued: by then the
-        # queue has drained (pieces past their deadline keep their text at once).
+        # Every waiting rewrite has a deadline one time budget after it was queued; past it its
+        # pieces keep their text at once, so about one budget later the queue has room again.
         return max(1, math.ceil(self.budget_s))
 
-    def submit_rewrite(self, profile: str, generic: str, **kwargs: Any):
+    def submit_rewrite(self, profile: str, generic: str, **kwargs: Any) -> tuple[Job | None, str | None]:
         """The worker's job, or the reason there is none: the queue filled up since `admit`."""
         try:
             return self.worker.submit_rewrite(profile, generic, deadline=time.monotonic() + self.budget_s, **kwargs), None

@@ -37,8 +37,10 @@ async def stream(daemon: Daemon, profile: str, reply: Any, model: str, detail: b
 
     yield chunk({"role": "assistant", "content": ""})
     generic: str = reply.text
-    job, refused = (None, "the upstream reply is empty") if not generic.strip() else daemon.submit_rewrite(
-        profile, generic, on_text=lambda t: loop.call_soon_threadsafe(events.put_nowait, ("text", t)))
+    job, refused = None, "the upstream reply is empty"
+    if generic.strip():
+        job, refused = daemon.submit_rewrite(
+            profile, generic, on_text=lambda t: loop.call_soon_threadsafe(events.put_nowait, ("text", t)))
     if job is None:
         outcome = await daemon.finish(profile, generic, None, refused)
         if generic.strip():

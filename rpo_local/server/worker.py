@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rpo_local.adapters import resolve_adapter
-from rpo_local.reflect import Reflector, RewriteCancelled, TextSink
+from rpo_local.reflect import Reflector, RewriteCancelled, RewriteResult, TextSink
 
 log = logging.getLogger(__package__)  # the daemon's logger: rpo_local.server
 
 if TYPE_CHECKING:
     from rpo_local.config import Config
     from rpo_local.engine import Engine
-    from rpo_local.reflect import RewriteResult
     from rpo_local.store import Store
+
 
 class QueueFull(Exception):
     """As many rewrites wait as the worker may queue (config max_queued_requests)."""
