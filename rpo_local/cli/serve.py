@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from rpo_local.cli._common import ProfileOpt, note, use_color
+from rpo_local.cli._common import ProfileOpt, RetrieverOpt, note, use_color, with_retriever
 from rpo_local.config import Config
 
 
@@ -20,6 +20,7 @@ def serve(
     allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a non-loopback --host (warns)")] = False,
     allow_host: Annotated[list[str] | None, typer.Option("--allow-host", help="Extra Host header name to accept (repeatable)")] = None,
     profile: ProfileOpt = None,
+    retriever: RetrieverOpt = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="GGUF reflection model")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=0.1, help=f"Rewrite time budget, s (config rewrite_timeout_s; default {Config.rewrite_timeout_s:g})")] = None,
     upstream_timeout: Annotated[float | None, typer.Option("--upstream-timeout", min=0.1, help=f"Wait this long for a remote upstream, then 504, s (config upstream_timeout_s; default {Config.upstream_timeout_s:g})")] = None,
@@ -39,7 +40,7 @@ def serve(
     from rpo_local.store import Store
     from rpo_local.upstream import open_upstream
 
-    config = load_config()
+    config = with_retriever(load_config(), retriever)
     config.profile = config.profile if profile is None else profile
     config.upstream_model = upstream_model or config.upstream_model
     config.rewrite_timeout_s = timeout or config.rewrite_timeout_s
