@@ -89,9 +89,10 @@ class DenseIndex:
         import numpy as np
 
         scores = self.matrix @ query
-        n = min(n, len(scores))
-        best = np.argpartition(-scores, n - 1)[:n] if n < len(scores) else np.arange(len(scores))
-        best = best[np.lexsort((-self.ids[best], -scores[best]))]
+        best = np.arange(len(scores))
+        if n < len(scores):  # the top n, and whatever ties with the n-th (the tie-break decides)
+            best = np.flatnonzero(scores >= scores[np.argpartition(-scores, n - 1)[n - 1]])
+        best = best[np.lexsort((-self.ids[best], -scores[best]))][:n]
         return [int(i) for i in self.ids[best]]
 
 

@@ -56,7 +56,7 @@ class Store:
         self._lock = threading.RLock()
         self._local = threading.local()
         self._connections: list[sqlite_utils.Database] = []
-        self._embedding_writes = 0  # see embedding_stamp
+        self._history_writes = 0  # see embedding_stamp
         _ = self.db  # open and migrate now, so a bad database fails here
 
     @classmethod
@@ -201,6 +201,7 @@ class Store:
                 )
                 if cur.rowcount:
                     ids.append(cur.lastrowid)
+            self._history_writes += 1
         return ids
 
     def has_item_text(self, profile: str, text: str) -> bool:
@@ -297,7 +298,7 @@ class Store:
         item = self.get_item(item_id)
         with self.transaction():
             self.db.execute("delete from items where id = ?", [item_id])  # its embedding cascades
-            self._embedding_writes += 1
+            self._history_writes += 1
         return item
 
     # -- embeddings (dense retrieval: rpo_local.embed) -------------------------------------------
@@ -329,7 +330,7 @@ class Store:
                     "select id, ?, ? from items where id = ?",
                     [model, vector, item_id],
                 )
-            self._embedding_writes += 1
+            self._history_writes += 1
 
     def embeddings(self, profile_id: int, model: str) -> list[tuple[int, bytes]]:
         """(item id, vector) of every item of a profile embedded by `model`, by item id."""
@@ -340,10 +341,11 @@ class Store:
         ).fetchall()
 
     def embedding_stamp(self) -> tuple[int, int]:
-        """Changes when embeddings may have changed: writes through this Store, or any write by
-        another connection (SQLite's data_version), so a cached matrix knows when to reload."""
+        """Changes when items or embeddings may have changed: writes through this Store, or any
+        write by another connection (SQLite's data_version), so a cached matrix knows when to
+        reload."""
         version = self.db.execute("PRAGMA data_version").fetchone()[0]
-        return version, self._embedding_writes
+        return version, self._history_writes
 
     # -- interactions and feedback ------------------------------------------------------------
 
