@@ -71,8 +71,7 @@ def latency(pool: list[str], queries: list[str], size: int, embedder, k: int, ru
     with tempfile.TemporaryDirectory() as tmp, Store.open(Path(tmp) / "bench.db", durable=False) as store:
         store.add_items("bench", [{"text": f"{pool[i % len(pool)]} #{i}"} for i in range(size)])
         pid = store.get_profile("bench").id
-        for start in range(0, size, 5000):
-            rows = store.embedding_todo(pid, embedder.model_id, 5000)
+        while rows := store.embedding_todo(pid, embedder.model_id, 5000):
             vectors = rng.standard_normal((len(rows), embed.DIM)).astype(np.float32)
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
             store.put_embeddings(embedder.model_id, zip([r["id"] for r in rows], embed._blobs(vectors), strict=True))

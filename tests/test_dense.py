@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rpo_local import embed, retrieve as retrieve_mod
+from rpo_local import embed
+from rpo_local import retrieve as retrieve_mod
 from rpo_local.retrieve import retrieve
 
 # A history in which a reply about travel finds nothing by its words: the travel items share no
