@@ -104,9 +104,7 @@ def export(directory: Path | None = None) -> Path:
         except OSError:
             if _manifest(target) is None:  # not a concurrent export that finished first
                 raise
-    except Exception as exc:
-        if isinstance(exc, ModelError):
-            raise
+    except Exception as exc:  # optimum and torch raise all kinds; the user needs one clear message
         raise ModelError(f"exporting {MODEL_NAME} to ONNX failed: {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
