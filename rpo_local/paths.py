@@ -71,7 +71,7 @@ def all_paths() -> dict[str, Path]:
         "adapters": adapters_dir(),
         "runs": runs_dir(),
         "cache": cache_dir(),
-        "embedding models": embed_dir(),
+        "embed": embed_dir(),
     }
 
 
