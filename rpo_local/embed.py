@@ -36,8 +36,8 @@ MODEL_NAME = "all-MiniLM-L6-v2"
 DIM = 384
 MAX_TOKENS = 256  # the model's sentence_bert_config.json (its tokenizer.json says 128)
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
-# fp32: int8 embeds 1.5x faster on this CPU but agrees with fp32 on only ~80% of the top-4
-# items (bench/bench_retrieve.py, README); embedding happens once per item, so speed matters less.
+# fp32: int8 embedded 1.6-3x faster on the 2-core VM but returned only 83% of fp32's top-4 on
+# the tuning users (bench/bench_retrieve.py, README); each item is embedded once, so fidelity wins.
 VARIANT = "fp32"
 MANIFEST = "manifest.json"
 BATCH = 64
