@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 from importlib import metadata
@@ -25,6 +27,8 @@ from typing import TYPE_CHECKING
 from rpo_local import paths
 from rpo_local.errors import ModelError
 from rpo_local.extras import EXTRAS, missing, require
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -205,3 +209,35 @@ def embed_missing(
 
 def _blobs(vectors: np.ndarray) -> Iterable[bytes]:
     return (row.astype("<f4").tobytes() for row in vectors)
+
+
+class Backfill:
+    """Embeds what arrived in any profile (other processes, the TUI) in the background, every
+    `check_s` seconds: the daemon's dense retrieval then finds new items without a restart."""
+
+    def __init__(self, store: Store, check_s: float = 60.0) -> None:
+        self.store, self.check_s = store, check_s  # its own Store: a connection per thread
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> int:
+        embedder = get_embedder()
+        return sum(embed_missing(self.store, p["name"], embedder) for p in self.store.list_profiles())
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="rpo-embed-backfill", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.store.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # never take the daemon down; retrieval falls back meanwhile
+                log.exception("embedding new history items failed; retrying later")
+            self._stop.wait(self.check_s)

@@ -48,6 +48,7 @@ from rpo_local.store import Store
 
 if TYPE_CHECKING:
     from rpo_local.config import Config
+    from rpo_local.embed import Backfill
     from rpo_local.engine import Engine
     from rpo_local.reflect import RewriteResult
     from rpo_local.scheduler import TrainScheduler
@@ -220,6 +221,7 @@ class Daemon:
         self.db_lock = threading.RLock()
         self.worker = ReflectionWorker(Store.open(store.path) if store.path else store, engine, config)
         self.scheduler: TrainScheduler | None = None  # set by `rpo serve` unless --no-train
+        self.backfill: Backfill | None = None  # set by `rpo serve` for dense/hybrid retrieval
         self.started = time.time()
         self.counts = {"requests": 0, "personalized": 0, "generic": 0, "upstream_errors": 0}
         self._count_lock = threading.Lock()
@@ -462,9 +464,13 @@ def create_app(daemon: Daemon) -> ASGIApp:
         daemon.worker.start()
         if daemon.scheduler is not None:
             daemon.scheduler.start()
+        if daemon.backfill is not None:
+            daemon.backfill.start()
         try:
             yield
         finally:
+            if daemon.backfill is not None:
+                await run_in_threadpool(daemon.backfill.stop)
             if daemon.scheduler is not None:
                 await run_in_threadpool(daemon.scheduler.stop)
             await run_in_threadpool(daemon.worker.stop)

@@ -5,6 +5,8 @@ logic; the `model` tests run the real all-MiniLM-L6-v2, exported to ONNX once pe
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -221,3 +223,22 @@ def test_history_embed_then_add_embeds_new_items(cli, store, real):
     assert store.count_embedding_todo(pid, real.model_id) == 0  # embedded on add
     out = cli("rewrite", "--retriever", "bogus", stdin=b"hi")
     assert out.code == 2 and "bm25, dense, hybrid" in out.stderr
+
+
+def test_daemon_backfill_embeds_items_other_processes_added(store, topics):
+    from rpo_local.store import Store
+
+    _history(store)
+    backfill = embed.Backfill(Store.open(store.path), check_s=0.05)
+    assert backfill.tick() == len(TRAVEL + OTHER)
+    backfill.start()
+    try:
+        with Store.open(store.path) as other:  # e.g. `rpo history add` with the model not exported
+            other.add_item("bob", "Booking the flight for our holiday", created_at="2021-01-01")
+        deadline = time.monotonic() + 5
+        while store.count_embedding_todo(store.get_profile("bob").id, topics.model_id):
+            assert time.monotonic() < deadline, "the backfill never embedded the new item"
+            time.sleep(0.02)
+    finally:
+        backfill.stop()
+    assert retrieve(store, "bob", REPLY, 1, "dense")[0]["text"].startswith("Booking")
