@@ -242,3 +242,27 @@ def test_daemon_backfill_embeds_items_other_processes_added(store, topics):
     finally:
         backfill.stop()
     assert retrieve(store, "bob", REPLY, 1, "dense")[0]["text"].startswith("Booking")
+
+
+@pytest.mark.parametrize(("retriever", "found"), [("bm25", "coffee first"), ("dense", "our hotel by the sea")])
+def test_eval_retrieves_with_the_configured_retriever(tmp_path, topics, retriever, found):
+    import json
+
+    from fakes import FakeEngine
+
+    from rpo_local import evaluate, lamp
+    from rpo_local.config import Config
+
+    task = "Paraphrase the following tweet without any explanation before or after it: "
+    user = {"id": "u1", "input": task + "The Flight Was Delayed.", "output": "ugh delayed",
+            "profile": [{"text": "our hotel by the sea"}, {"text": "coffee first"}]}
+    path = tmp_path / "dev.jsonl"
+    path.write_text(json.dumps(user) + "\n")
+    engine = FakeEngine()
+    prompts: list[str] = []
+    stream = engine.stream
+    engine.stream = lambda prompt, **kw: (prompts.append(prompt), stream(prompt, **kw))[1]
+    report = evaluate.run_eval(lamp.load(path), engine, methods=["context"], k=1, config=Config(retriever=retriever))
+    assert report.retriever == retriever and report.to_dict()["retriever"] == retriever
+    assert ("retriever" in report.settings()) == (retriever != "bm25")  # old checkpoints still match bm25 runs
+    assert found in prompts[0] and len([t for t in ("hotel", "coffee") if t in prompts[0]]) == 1
