@@ -266,3 +266,14 @@ def test_eval_retrieves_with_the_configured_retriever(tmp_path, topics, retrieve
     assert report.retriever == retriever and report.to_dict()["retriever"] == retriever
     assert ("retriever" in report.settings()) == (retriever != "bm25")  # old checkpoints still match bm25 runs
     assert found in prompts[0] and len([t for t in ("hotel", "coffee") if t in prompts[0]]) == 1
+
+
+def test_rewrite_retrieves_with_the_configured_retriever(store, topics, fake_engine):
+    from rpo_local.config import Config
+    from rpo_local.reflect import Reflector
+
+    _history(store)
+    embed.embed_missing(store, "ann", topics)
+    texts = {r: _texts(Reflector(store, fake_engine, Config(retriever=r, k=2)).rewrite(REPLY, "ann", log=False).retrieved)
+             for r in ("bm25", "dense")}
+    assert set(texts["dense"]) == {t for t, _ in TRAVEL} and not set(texts["bm25"]) & set(texts["dense"])
