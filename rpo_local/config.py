@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rpo_local import names, paths
 from rpo_local.errors import ConfigError
+from rpo_local.retrieve import RETRIEVERS
 
 
 @dataclass
@@ -24,6 +25,9 @@ class Config:
     # name or a GGUF path; empty: the reflection model itself, without its adapter.
     upstream_local_model: str = ""
     k: int = 4  # profile items retrieved per rewrite
+    # bm25, dense or hybrid (rpo_local.retrieve); dense and hybrid need the [retrieval] extra
+    # and `rpo history embed`, and fall back to bm25 without them.
+    retriever: str = "bm25"
     trajectory_tokens: int = 96  # budget for the style/diff/edits sections
     # The trajectory format (prompts.FORMATS); "auto": the one the active adapter was trained on.
     trajectory: str = "auto"
@@ -61,7 +65,7 @@ _RANGES = {
     "upstream_timeout_s": (0.1, 86400.0),  # 0 or less would fail every request
     "max_queued_requests": (1, 100_000),  # 0 would refuse every request
 }
-_CHOICES = {"trajectory": ("auto", "full", "compact", "answer")}
+_CHOICES = {"trajectory": ("auto", "full", "compact", "answer"), "retriever": RETRIEVERS}
 
 
 def _coerce(name: str, value: object) -> object:

