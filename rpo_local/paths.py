@@ -63,6 +63,11 @@ def embed_dir() -> Path:
     return cache_dir() / "embed"
 
 
+def torch_models_dir() -> Path:
+    """Reflection models converted from GGUF for torch (training), one folder per GGUF sha256."""
+    return cache_dir() / "torch"
+
+
 def all_paths() -> dict[str, Path]:
     return {
         "data": data_dir(),
@@ -72,6 +77,7 @@ def all_paths() -> dict[str, Path]:
         "runs": runs_dir(),
         "cache": cache_dir(),
         "embed": embed_dir(),
+        "torch": torch_models_dir(),
     }
 
 

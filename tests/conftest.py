@@ -17,14 +17,26 @@ ROOT = Path(__file__).resolve().parents[1]
 LAMP7 = Path(os.environ.get("RPO_LAMP7", ROOT.parent / "shared" / "data" / "lamp7" / "dev.jsonl"))
 
 
+@pytest.fixture(scope="session")
+def torch_models(tmp_path_factory) -> Path:
+    """One folder of GGUF models converted for torch, shared by every test of the session
+    (each conversion takes 30-80 s; the first test that loads a model makes it)."""
+    return tmp_path_factory.mktemp("torch-models")
+
+
 @pytest.fixture(autouse=True)
-def rpo_home(tmp_path, monkeypatch) -> Path:
-    """Every test gets its own RPO_HOME: database, config and adapters under tmp_path."""
+def rpo_home(tmp_path, monkeypatch, torch_models) -> Path:
+    """Every test gets its own RPO_HOME: database, config and adapters under tmp_path; only the
+    torch conversions of the models are shared."""
+    from rpo_local import paths
+
     home = tmp_path / "rpo-home"
     monkeypatch.setenv("RPO_HOME", str(home))
     for var in [v for v in os.environ if v.startswith("RPO_") and v not in ("RPO_HOME", "RPO_LAMP7")]:
         monkeypatch.delenv(var)
     monkeypatch.setenv("ORT_DISABLE_TELEMETRY", "1")
+    paths.ensure_dir(paths.cache_dir())
+    paths.torch_models_dir().symlink_to(torch_models, target_is_directory=True)
     return home
 
 

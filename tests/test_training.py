@@ -128,3 +128,24 @@ def test_train_sft_end_to_end(rpo_home, lamp7):
     from rpo_local.models import embedded_model_path
 
     verify_adapter(embedded_model_path(), path)
+
+
+@pytest.mark.model
+@pytest.mark.train
+def test_the_torch_conversion_is_kept_and_loads_bit_for_bit(model_path, tmp_path, monkeypatch):
+    """The first load converts the GGUF and keeps it (whole: no temporary folder left); the
+    second reads the kept one and gives the same weights, tokens and chat template."""
+    import torch
+
+    from rpo_local import paths
+    from rpo_local.training import sft
+
+    monkeypatch.setenv("RPO_HOME", str(tmp_path / "fresh"))  # its own cache: the conversion runs here
+    model, tok = sft.load_base(model_path)
+    folder = sft._converted_dir(model_path)
+    assert (folder / "model.safetensors").is_file() and [p.name for p in paths.torch_models_dir().iterdir()] == [folder.name]
+    kept, kept_tok = sft.load_base(model_path)
+    a, b = model.state_dict(), kept.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    turn = "<|im_start|>user\nHi wörld 😀\t 42<|im_end|>\n<|im_start|>assistant\n"
+    assert tok(turn).input_ids == kept_tok(turn).input_ids and tok.chat_template == kept_tok.chat_template

@@ -81,9 +81,13 @@ def create_app(daemon: Daemon) -> ASGIApp:
         daemon.worker.start()
         if daemon.scheduler is not None:
             daemon.scheduler.start()
+        if daemon.backfill is not None:
+            daemon.backfill.start()
         try:
             yield
         finally:
+            if daemon.backfill is not None:
+                await run_in_threadpool(daemon.backfill.stop)
             if daemon.scheduler is not None:
                 await run_in_threadpool(daemon.scheduler.stop)
             await run_in_threadpool(daemon.worker.stop)

@@ -22,6 +22,7 @@ from rpo_local.store import Store
 
 if TYPE_CHECKING:
     from rpo_local.config import Config
+    from rpo_local.embed import Backfill
     from rpo_local.engine import Engine
     from rpo_local.reflect import RewriteResult
     from rpo_local.scheduler import TrainScheduler
@@ -65,6 +66,7 @@ class Daemon:
         self.db_lock = threading.RLock()
         self.worker = ReflectionWorker(Store.open(store.path) if store.path else store, engine, config)
         self.scheduler: TrainScheduler | None = None  # set by `rpo serve` unless --no-train
+        self.backfill: Backfill | None = None  # set by `rpo serve` for dense/hybrid retrieval
         self.started = time.time()
         self.counts = {"requests": 0, "personalized": 0, "generic": 0, "upstream_errors": 0, "refused_busy": 0}
         self.in_flight = 0  # chat completions being answered (app.InFlight counts them)

@@ -83,7 +83,12 @@ class TrainResult:
 
 
 def load_base(model_path: Path, threads: int = 0, device: str = "cpu") -> tuple[Any, Any]:
-    """(model, tokenizer) from the GGUF file llama.cpp runs, dequantized to fp32, on `device`."""
+    """(model, tokenizer) from the GGUF file llama.cpp runs, dequantized to fp32, on `device`.
+
+    Converting a GGUF takes transformers 30-80 s on two cores (mostly reading the vocabulary
+    and mapping tensor names), so the first conversion of each file is kept as safetensors in
+    the cache, under its sha256; later loads read that in about a second, bit for bit the same.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -92,14 +97,45 @@ def load_base(model_path: Path, threads: int = 0, device: str = "cpu") -> tuple[
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     model_path = Path(model_path)
-    tok = AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32
-    )
+    converted = _converted_dir(model_path)
+    if (converted / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(converted))
+        model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32
+        )
+        _keep_converted(model, tok, converted)
     if device != "cpu":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 matmuls on a GPU
         model.to(device)
     return model, tok
+
+
+def _converted_dir(model_path: Path) -> Path:
+    from rpo_local import paths
+    from rpo_local.models import sha256
+
+    return paths.torch_models_dir() / sha256(model_path)
+
+
+def _keep_converted(model: Any, tok: Any, folder: Path) -> None:
+    """Save the conversion whole or not at all: written beside, then renamed into place. A
+    failure (disk full, read-only cache, another process first) only costs the next load time."""
+    import shutil
+
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except OSError as exc:
+        if not (folder / "config.json").is_file():  # else another process saved it first
+            print(f"rpo: not caching the converted model in {folder.parent}: {exc}", file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def add_lora(model: Any, cfg: SFTConfig) -> Any:
