@@ -115,8 +115,9 @@ class Reflector:
         deadline: float | None = None,
     ) -> RewriteResult:
         """Rewrite `generic` for `profile`, piece by piece. `on_text` receives the result in order
-        as it is produced: verbatim text at once, each piece when it is done. Pieces not started
-        by `deadline` (time.monotonic) keep their generic text."""
+        as it is produced, one call per segment of `segment.split(generic)`: verbatim text at
+        once, each piece when it is done. Pieces not started by `deadline` (time.monotonic) keep
+        their generic text."""
         profile = profile or self.config.profile
         k = self.config.k if k is None else k
         start = time.perf_counter()
@@ -150,7 +151,7 @@ class Reflector:
                     trajectories.append(traj)
                     text = piece.output
                 out.append(text)
-                if on_text and text:
+                if on_text:
                     on_text(text)
                 pos += len(seg.text)
         result = self._combine(profile, generic, "".join(out), pieces, trajectories, list(retrieved.values()), notes)

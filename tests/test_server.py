@@ -185,6 +185,24 @@ def test_streaming_past_the_time_budget_streams_the_generic_reply(start, store):
     assert "time budget" in store.get_interaction(chunks[-1].rpo["interaction_id"])["fallback_reason"]
 
 
+def test_a_stream_failing_partway_ends_with_the_rest_of_the_generic_reply(start, store, upstream):
+    """Pieces already sent stay; the reply goes on from where they stopped, each word once."""
+    upstream.reply = "Thank you for your message.\n\n1. I will Review the document today.\n2. I will reply Soon.\n"
+
+    def fails_on_the_second_piece(prompt: str) -> str:
+        if "Review the document" in prompt:
+            raise RuntimeError("llama.cpp exploded")
+        return lowercasing_responder(prompt)
+
+    server, _ = start(FakeEngine(fails_on_the_second_piece))
+    chunks = list(client(server).chat.completions.create(
+        model="rpo:alice", messages=[{"role": "user", "content": "hi"}], stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == "thank you for your message.\n\n1. I will Review the document today.\n2. I will reply Soon.\n"
+    row = store.get_interaction(chunks[-1].rpo["interaction_id"])
+    assert row["rewrite"] == text and "llama.cpp exploded" in row["fallback_reason"]
+
+
 def test_a_failing_rewrite_returns_the_generic_reply(start, store):
     def broken(prompt: str) -> str:
         raise RuntimeError("llama.cpp exploded")

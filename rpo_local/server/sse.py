@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from rpo_local import errors
+from rpo_local import errors, segment
 from rpo_local.reflect import RewriteCancelled
 from rpo_local.server.daemon import Daemon
 
@@ -66,7 +66,8 @@ async def stream(daemon: Daemon, profile: str, reply: Any, model: str, detail: b
             if kind == "done":
                 break
             sent.append(text)
-            yield chunk({"content": text})
+            if text:
+                yield chunk({"content": text})
         result = None
         if reason is None:
             exc = job.future.exception() if not job.future.cancelled() else RewriteCancelled()
@@ -75,10 +76,11 @@ async def stream(daemon: Daemon, profile: str, reply: Any, model: str, detail: b
             else:
                 result = job.future.result()
         if reason is not None:
-            # Never lose the reply: whatever was cut short, the generic reply follows in full.
-            tail = ("\n\n" if sent else "") + generic.strip()
+            # Never lose the reply: the segments not sent yet follow as the generic reply has them.
+            tail = "".join(seg.text for seg in segment.split(generic)[len(sent):])
             sent.append(tail)
-            yield chunk({"content": tail})
+            if tail:
+                yield chunk({"content": tail})
         outcome = await daemon.finish(profile, generic, result, reason, "".join(sent))
         finished = True
         info = await run_in_threadpool(daemon.rpo_info, profile, outcome, detail=detail, generic=generic)
