@@ -52,7 +52,8 @@ models: $(QWEN05) $(VENV)/.runtime
 	-$(VENV)/bin/rpo models add $(MODELS_DIR)/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --name qwen2.5-coder-1.5b
 
 test: $(VENV)/.dev $(QWEN05)
-	RPO_TEST_QWEN=$(QWEN05) $(PY) -m pytest -q
+	$(VENV)/bin/ruff check .
+	RPO_TEST_QWEN=$(QWEN05) $(PY) -m pytest -q --durations=20
 
 bench: $(VENV)/.dev
 	$(PY) bench/bench_rewrite.py
