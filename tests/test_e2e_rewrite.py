@@ -60,19 +60,19 @@ def test_pipe_through_rewrite(persona):
     assert row["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and row["latency_ms"] > 0
     ids = json.loads(row["retrieved_ids"])
     assert 1 <= len(ids) <= 4
-    if row["fallback"]:
-        assert row["rewrite"] == GENERIC and row["fallback_reason"]
-        assert "keeping the generic text" in r.stderr.decode()
+    # The shipped adapter rewrites this reply for this persona (greedy: the same every run); a
+    # regression that turns every rewrite into a fallback fails here.
+    assert not row["fallback"] and row["rewrite"] != GENERIC and row["fallback_reason"] is None
 
 
 def test_json_document_and_trajectory(persona):
-    r = rpo("rewrite", "--profile", "sam", "--json", "--k", "2", stdin=GENERIC.encode())
+    r = rpo("rewrite", "--profile", "sam", "--json", "--k", "3", stdin=GENERIC.encode())
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert len(doc["retrieved"]) == 2 and all(item["text"] in PERSONA for item in doc["retrieved"])
+    assert len(doc["retrieved"]) == 3 and all(item["text"] in PERSONA for item in doc["retrieved"])
     assert doc["prompt_tokens"] > 50 and doc["completion_tokens"] > 0 and doc["total_s"] > 0
     assert set(doc["trajectory"]) >= {"style", "diff", "edits", "answer", "problem"}
-    assert doc["rewrite"] == (GENERIC if doc["fallback"] else doc["trajectory"]["answer"] + "\n")
+    assert not doc["fallback"] and doc["rewrite"] == doc["trajectory"]["answer"] + "\n" != GENERIC
 
 
 def test_long_input_is_rewritten_piece_by_piece_with_the_real_model(persona):

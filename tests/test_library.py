@@ -54,3 +54,4 @@ def test_the_documented_example_gives_what_the_cli_gives(cli):
     doc = json.loads(r.stdout)
     assert library.adapter is not None and library.adapter == doc["adapter"]
     assert (library.rewrite, library.fallback) == (doc["rewrite"], doc["fallback"])
+    assert not library.fallback and library.rewrite != library.input, "the example's reply is one the adapter rewrites"

@@ -524,13 +524,12 @@ def test_real_model_personalizing_proxy(start, store, real_engine):
     text = reply.choices[0].message.content
     row = store.get_interaction(reply.rpo["interaction_id"])
     assert text.strip() and row["rewrite"] == text and row["input"] == GENERIC
-    if reply.rpo["personalized"]:  # the reply is several pieces: each rewritten one is in the text
-        pieces = row["trajectory"] if isinstance(row["trajectory"], list) else [row["trajectory"]]
-        rewritten = [p for p in pieces if p.get("rewritten", True)]
-        assert rewritten and raw.headers["x-rpo-personalized"] == "true"
-        assert all(" ".join(p["answer"].split()) in text for p in rewritten)
-    else:  # the model gave no usable answer: the generic reply, with the reason recorded
-        assert text == GENERIC and row["fallback_reason"]
+    # The shipped adapter rewrites pieces of this reply (greedy: the same every run), so a
+    # regression that turns every rewrite into a fallback fails here. Each rewritten piece is in the text.
+    assert reply.rpo["personalized"] and raw.headers["x-rpo-personalized"] == "true" and text != GENERIC
+    pieces = row["trajectory"] if isinstance(row["trajectory"], list) else [row["trajectory"]]
+    rewritten = [p for p in pieces if p.get("rewritten", True)]
+    assert rewritten and all(" ".join(p["answer"].split()) in text for p in rewritten)
     chunks = list(c.chat.completions.create(model="rpo:alice", messages=[{"role": "user", "content": "x"}], stream=True))
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks)
     assert streamed.strip() and store.get_interaction(chunks[-1].rpo["interaction_id"])["rewrite"] == streamed
