@@ -23,9 +23,13 @@ from rpo_local.upstream import OpenAIUpstream
 
 @pytest.fixture
 def daemon(store, fake_engine):
-    d = Daemon(store=store, engine=fake_engine, upstream=OpenAIUpstream("http://127.0.0.1:9"), config=load_config())
-    yield d
-    d.worker.store.close()
+    return Daemon(store=store, engine=fake_engine, upstream=OpenAIUpstream("http://127.0.0.1:9"), config=load_config())
+
+
+def test_one_store_in_the_daemon(store, daemon):
+    # The handlers and the worker share the daemon's Store (a connection per thread, writes
+    # serialized by the Store itself), not one connection each behind a lock of the daemon's.
+    assert daemon.worker.store is store
 
 
 def test_one_adapter_display_name(cli, store, fake_engine, daemon, monkeypatch):

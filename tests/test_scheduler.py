@@ -178,7 +178,7 @@ def test_daemon_hot_swaps_the_adapter_while_requests_continue(store, fake_engine
         config.train_min_new_items = 8
         daemon = Daemon(store=store, engine=fake_engine, upstream=OpenAIUpstream(up.url), config=config)
         daemon.scheduler = TrainScheduler(
-            Store.open(store.path), config, switch=daemon.worker.switch_adapter, command=fake_train, check_s=0.1
+            store, config, switch=daemon.worker.switch_adapter, command=fake_train, check_s=0.1
         )
         with BackgroundServer(create_app(daemon)) as server:
             c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)

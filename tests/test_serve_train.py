@@ -18,7 +18,6 @@ from fake_upstream import FakeUpstream
 from rpo_local.config import load_config
 from rpo_local.scheduler import TrainScheduler, train_command
 from rpo_local.server import BackgroundServer, Daemon, create_app
-from rpo_local.store import Store
 from rpo_local.training.due import MIN_ITEMS
 from rpo_local.upstream import OpenAIUpstream
 
@@ -52,7 +51,7 @@ def test_scheduler_trains_for_real_and_hot_swaps_while_serving(store, lamp7, mod
         config = load_config()
         daemon = Daemon(store=store, engine=engine, upstream=OpenAIUpstream(up.url), config=config)
         daemon.scheduler = TrainScheduler(
-            Store.open(store.path), config, switch=daemon.worker.switch_adapter,
+            store, config, switch=daemon.worker.switch_adapter,
             command=train_command, check_s=0.5,
         )
         with BackgroundServer(create_app(daemon)) as server:
@@ -114,7 +113,7 @@ def test_real_engine_hot_swaps_a_real_adapter_while_serving(store, tmp_path, mod
         config.train_min_new_items, config.rewrite_timeout_s = 3, 120.0
         daemon = Daemon(store=store, engine=engine, upstream=OpenAIUpstream(up.url), config=config)
         daemon.scheduler = TrainScheduler(
-            Store.open(store.path), config, switch=daemon.worker.switch_adapter,
+            store, config, switch=daemon.worker.switch_adapter,
             command=lambda p: [sys.executable, str(script), p], check_s=0.2,
         )
         with BackgroundServer(create_app(daemon)) as server:

@@ -65,9 +65,7 @@ def serve(
         allowed_hosts=extra_hosts, max_body_bytes=max_body,
     )
     if train:
-        daemon.scheduler = TrainScheduler(
-            Store.open(store.path), config, switch=daemon.worker.switch_adapter, check_s=train_check
-        )
+        daemon.scheduler = TrainScheduler(store, config, switch=daemon.worker.switch_adapter, check_s=train_check)
     daemon.backfill = _backfill(store, config, train_check)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
@@ -81,8 +79,7 @@ def _backfill(store: Store, config: Config, check_s: float) -> Backfill | None:
     """For dense/hybrid retrieval: new items embedded in the background (none when it cannot run:
     retrieval then says why, once, and uses BM25)."""
     from rpo_local import embed
-    from rpo_local.store import Store
 
     if config.retriever == "bm25" or embed.problem() is not None:
         return None
-    return embed.Backfill(Store.open(store.path), check_s=check_s)
+    return embed.Backfill(store, check_s=check_s)

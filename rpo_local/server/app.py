@@ -58,7 +58,7 @@ def create_app(daemon: Daemon) -> ASGIApp:
         return JSONResponse(body, headers=_rpo_headers(info))
 
     async def models(request: Request) -> Response:
-        rows = await run_in_threadpool(daemon.locked, daemon.store.list_profiles)
+        rows = await run_in_threadpool(daemon.store.list_profiles)
         data = [{"id": f"rpo:{r['name']}", "object": "model", "created": 0, "owned_by": "rpo-local"} for r in rows]
         return JSONResponse({"object": "list", "data": data})
 
@@ -70,7 +70,7 @@ def create_app(daemon: Daemon) -> ASGIApp:
 
     async def feedback(request: Request) -> Response:
         body: FeedbackRequest = parse(FeedbackRequest, await read_json(request, daemon.max_body_bytes))
-        fid = await run_in_threadpool(daemon.locked, daemon.store.add_feedback, body.interaction_id, body.verdict,
+        fid = await run_in_threadpool(daemon.store.add_feedback, body.interaction_id, body.verdict,
                                       body.edited_text)
         if daemon.scheduler is not None:
             daemon.scheduler.wake()

@@ -7,7 +7,6 @@ import asyncio
 import math
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,6 @@ from rpo_local import __version__, adapters, errors, names, reflect
 from rpo_local.server.guard import LOOPBACK_NAMES
 from rpo_local.server.request import ApiError
 from rpo_local.server.worker import Job, QueueFull, ReflectionWorker
-from rpo_local.store import Store
 
 if TYPE_CHECKING:
     from rpo_local.config import Config
@@ -26,6 +24,7 @@ if TYPE_CHECKING:
     from rpo_local.engine import Engine
     from rpo_local.reflect import RewriteResult
     from rpo_local.scheduler import TrainScheduler
+    from rpo_local.store import Store
     from rpo_local.upstream import Upstream
 
 MAX_BODY_BYTES = 1_000_000
@@ -44,8 +43,8 @@ class Outcome:
 class Daemon:
     """Everything a request needs: store, upstream, the worker, the scheduler, the limits.
 
-    Request handlers share `store` (under `db_lock`); the worker and the scheduler open their
-    own connections to the same database file.
+    One Store serves the request handlers, the worker, the scheduler and the embedding backfill:
+    it gives each thread its own SQLite connection and serializes writes itself.
     """
 
     def __init__(
@@ -63,8 +62,7 @@ class Daemon:
         self.api_key = api_key or None
         self.allowed_hosts = LOOPBACK_NAMES | {h.lower().strip("[]") for h in allowed_hosts}
         self.max_body_bytes = max_body_bytes
-        self.db_lock = threading.RLock()
-        self.worker = ReflectionWorker(Store.open(store.path) if store.path else store, engine, config)
+        self.worker = ReflectionWorker(store, engine, config)
         self.scheduler: TrainScheduler | None = None  # set by `rpo serve` unless --no-train
         self.backfill: Backfill | None = None  # set by `rpo serve` for dense/hybrid retrieval
         self.started = time.time()
@@ -77,8 +75,7 @@ class Daemon:
 
     def select_profile(self, model: str | None, header: str | None) -> tuple[str, bool]:
         """The profile a request is for, and whether `model` named it (then it is not an upstream model)."""
-        with self.db_lock:
-            known = {p["name"] for p in self.store.list_profiles()}
+        known = {p["name"] for p in self.store.list_profiles()}
         if header and header.strip():
             name, from_model = header.strip(), False
         elif model and model.startswith("rpo:"):
@@ -94,8 +91,7 @@ class Daemon:
         return name, from_model
 
     def adapter_label(self, path: str | Path | None) -> str | None:
-        with self.db_lock:
-            return adapters.adapter_label(self.store, path)
+        return adapters.adapter_label(self.store, path)
 
     # -- personalization ------------------------------------------------------------------------
 
@@ -153,15 +149,9 @@ class Daemon:
         """Record the interaction as the client received it (`text` overrides what was sent)."""
         row = reflect.interaction_row("serve", generic, result, sent=text, reason=reason, engine=self.engine)
         outcome = Outcome(row["rewrite"], not row["fallback"], row["fallback_reason"], result)
-        with self.db_lock:
-            outcome.interaction_id = self.store.record_interaction(profile, **row)
+        outcome.interaction_id = self.store.record_interaction(profile, **row)
         self.count("personalized" if outcome.personalized else "generic")
         return outcome
-
-    def locked(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` on the shared store, one thread at a time."""
-        with self.db_lock:
-            return fn(*args)
 
     def count(self, key: str) -> None:
         with self._count_lock:

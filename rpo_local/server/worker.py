@@ -46,8 +46,7 @@ class Job:
 class ReflectionWorker:
     """One thread that owns the reflection engine: rewrites and adapter switches, in order.
 
-    It reads the database through its own connection (`store`): one SQLite connection must not
-    be used by several threads at once.
+    It reads the daemon's one Store, which gives this thread its own SQLite connection.
     """
 
     def __init__(self, store: Store, engine: Engine, config: Config) -> None:
