@@ -37,6 +37,9 @@ class Config:
     # held-out history items of training users (train/calibrate_gate.py), not on the
     # evaluation users.
     min_content_kept: float = 0.8
+    # Sentences of a reply joined into one piece up to this many words (0: one sentence per
+    # piece, what the 135M model handles best; a model trained on whole tweets takes whole ones).
+    piece_words: int = 0
     temperature: float = 0.0
     seed: int = 0
     n_ctx: int = 2048
@@ -64,6 +67,7 @@ _RANGES = {
     "min_content_kept": (0.0, 1.0),  # a share: anything outside silently disables a feature
     "upstream_timeout_s": (0.1, 86400.0),  # 0 or less would fail every request
     "max_queued_requests": (1, 100_000),  # 0 would refuse every request
+    "piece_words": (0, 1000),
 }
 _CHOICES = {"trajectory": ("auto", "full", "compact", "answer"), "retriever": RETRIEVERS}
 

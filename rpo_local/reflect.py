@@ -115,7 +115,7 @@ class Reflector:
         deadline: float | None = None,
     ) -> RewriteResult:
         """Rewrite `generic` for `profile`, piece by piece. `on_text` receives the result in order
-        as it is produced, one call per segment of `segment.split(generic)`: verbatim text at
+        as it is produced, one call per segment of `pieces_of(generic, config)`: verbatim text at
         once, each piece when it is done. Pieces not started by `deadline` (time.monotonic) keep
         their generic text."""
         profile = profile or self.config.profile
@@ -130,7 +130,7 @@ class Reflector:
 
         if self.store is not None:
             self.store.get_profile(profile)  # unknown profile: fail before any model work
-        segments = segment.split(generic)
+        segments = pieces_of(generic, self.config)
         total = sum(s.prose for s in segments)
         if total > 1:
             note(f"rewriting {total} pieces in order")
@@ -400,6 +400,11 @@ def interaction_row(source: str, generic: str, result: RewriteResult | None, *, 
         row.update(model=getattr(engine.model_path, "name", None),
                    adapter=str(engine.adapter_path) if engine.adapter_path else None)
     return row
+
+
+def pieces_of(generic: str, config: Config) -> list[segment.Segment]:
+    """The segments a reply is rewritten in (the reflector and the daemon's stream agree on them)."""
+    return segment.split(generic, piece_words=config.piece_words)
 
 
 def keeps_content(answer: str, generic: str, minimum: float) -> bool:

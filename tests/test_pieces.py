@@ -271,6 +271,14 @@ def test_a_piece_the_model_fails_on_keeps_its_text_and_the_others_are_rewritten(
                           "\n\n1. ", result.pieces[3].output]
 
 
+def test_piece_words_joins_short_sentences_into_one_piece_for_the_reflector(ann):
+    text = "The build failed again. Restart the runner now. Check the disk quota."
+    engine = FakeEngine(lowercasing_responder)
+    result = Reflector(ann, engine, Config(piece_words=40)).rewrite(text, "ann")
+    assert len(result.pieces) == 1 and result.rewrite.startswith(text.lower())
+    assert len(Reflector(ann, engine, Config()).rewrite(text, "ann").pieces) == 3
+
+
 def test_pieces_stream_as_they_are_done(ann):
     seen: list[tuple[int, str]] = []
     engine = FakeEngine(lowercasing_responder)

@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from rpo_local import errors, segment
+from rpo_local import errors, reflect
 from rpo_local.reflect import RewriteCancelled
 from rpo_local.server.daemon import Daemon
 
@@ -77,7 +77,7 @@ async def stream(daemon: Daemon, profile: str, reply: Any, model: str, detail: b
                 result = job.future.result()
         if reason is not None:
             # Never lose the reply: the segments not sent yet follow as the generic reply has them.
-            tail = "".join(seg.text for seg in segment.split(generic)[len(sent):])
+            tail = "".join(seg.text for seg in reflect.pieces_of(generic, daemon.config)[len(sent):])
             sent.append(tail)
             if tail:
                 yield chunk({"content": tail})
