@@ -109,9 +109,12 @@ def check_base(adapter_name: str, base_sha256: str | None, model_path: Path) -> 
 
 
 def adapter_from_ref(ref: str, store: Store | None = None) -> Path | None:
-    """An adapter named on the command line: 'none', a GGUF file, or a registered name/id."""
+    """An adapter named on the command line: 'none', a GGUF file, a shipped adapter's name, or a
+    registered name/id."""
     if ref == "none":
         return None
+    if ref in BUILTINS:
+        return asset_path(BUILTINS[ref][0])
     path = Path(ref).expanduser()
     if path.suffix == ".gguf" or path.exists():
         if not path.is_file():

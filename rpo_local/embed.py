@@ -216,7 +216,7 @@ class Backfill:
     `check_s` seconds: the daemon's dense retrieval then finds new items without a restart."""
 
     def __init__(self, store: Store, check_s: float = 60.0) -> None:
-        self.store, self.check_s = store, check_s  # its own Store: a connection per thread
+        self.store, self.check_s = store, check_s  # the daemon's Store: a connection per thread, not closed here
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -232,7 +232,6 @@ class Backfill:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self.store.close()
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -229,7 +229,7 @@ def test_daemon_backfill_embeds_items_other_processes_added(store, topics):
     from rpo_local.store import Store
 
     _history(store)
-    backfill = embed.Backfill(Store.open(store.path), check_s=0.05)
+    backfill = embed.Backfill(store, check_s=0.05)  # the daemon shares its one Store
     assert backfill.tick() == len(TRAVEL + OTHER)
     backfill.start()
     try:

@@ -175,3 +175,14 @@ def test_qwen2_runs_as_the_reflection_model_end_to_end(store):
     result = Reflector(store, engine).rewrite("The train was late again this morning.", "ann", log=False)
     assert result.rewrite.strip() and result.model == QWEN.name
     assert "<|im_end|>" not in result.rewrite and "<answer>" not in result.rewrite
+
+
+def test_a_shipped_adapter_is_named_like_a_registered_one(rpo_home):
+    """`--adapter builtin-lamp7-answer` (rpo eval, rpo rewrite) finds the shipped file, not a registry row."""
+    from rpo_local.adapters import BUILTINS, adapter_from_ref, asset_path
+    from rpo_local.errors import NotFound
+
+    for name, (file, _) in BUILTINS.items():
+        assert adapter_from_ref(name) == asset_path(file) and asset_path(file).is_file()
+    with pytest.raises(NotFound):
+        adapter_from_ref("builtin-nonesuch")

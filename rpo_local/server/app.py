@@ -91,8 +91,6 @@ def create_app(daemon: Daemon) -> ASGIApp:
             if daemon.scheduler is not None:
                 await run_in_threadpool(daemon.scheduler.stop)
             await run_in_threadpool(daemon.worker.stop)
-            if daemon.worker.store is not daemon.store:
-                daemon.worker.store.close()
             if hasattr(daemon.upstream, "close"):
                 daemon.upstream.close()
 
