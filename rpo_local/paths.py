@@ -53,6 +53,11 @@ def adapters_dir() -> Path:
     return data_dir() / "adapters"
 
 
+def models_dir() -> Path:
+    """Models rpo made itself (`rpo quantize model`)."""
+    return data_dir() / "models"
+
+
 def runs_dir() -> Path:
     """Training runs: datasets, checkpoints and logs."""
     return data_dir() / "runs"
@@ -74,6 +79,7 @@ def all_paths() -> dict[str, Path]:
         "config": config_path(),
         "database": db_path(),
         "adapters": adapters_dir(),
+        "models": models_dir(),
         "runs": runs_dir(),
         "cache": cache_dir(),
         "embed": embed_dir(),

@@ -599,8 +599,11 @@ class Store:
 
     # -- models -------------------------------------------------------------------------------
 
+    def has_model(self, name: str) -> bool:
+        return self._one("select id from models where name = ?", [name]) is not None
+
     def register_model(self, name: str, info: dict) -> int:
-        if self._one("select id from models where name = ?", [name]):
+        if self.has_model(name):
             raise InputError(f"a model named {name!r} is registered already; `rpo models remove` it first")
         with self._lock:
             return self.db["models"].insert({
