@@ -426,6 +426,42 @@ def test_escape_stops_a_reply(store):
     assert [r["role"] for r in rows] == ["user"] and store.counts()["interactions"] == 0
 
 
+def test_escape_stops_inside_the_piece_being_generated(store):
+    """Esc stops generation at the next token, not once the piece in progress is done."""
+    import time
+
+    from fakes import FakeEngine
+
+    class SlowEngine(FakeEngine):
+        yielded = 0
+
+        def stream(self, *args, **kwargs):
+            for piece in super().stream(*args, **kwargs):
+                time.sleep(0.02)
+                SlowEngine.yielded += 1
+                yield piece
+
+    seed(store)
+    app = make_app(store, SlowEngine())
+    at_escape = 0
+
+    async def scenario() -> None:
+        nonlocal at_escape
+        async with app.run_test(size=(80, 24)) as pilot:
+            # The reply's second piece is long: ~27 chunks of analysis and ~100 of answer.
+            app.screen.query_one("#prompt").text = "the garden and the old stone wall behind the house " * 4
+            await pilot.press("ctrl+j")
+            await pilot.pause(1.5)  # inside the second piece
+            assert app.screen.busy
+            at_escape = SlowEngine.yielded
+            await pilot.press("escape")
+            await settle(app, pilot)
+            assert not app.screen.busy and any("stopped" in n.message for n in app._notifications)
+
+    run(scenario)
+    assert SlowEngine.yielded - at_escape <= 3, (at_escape, SlowEngine.yielded)
+
+
 def test_missing_model_is_a_notification(store, tmp_path):
     from rpo_local.tui.app import ChatApp
     from rpo_local.tui.pipeline import ChatPipeline

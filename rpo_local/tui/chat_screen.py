@@ -15,6 +15,7 @@ from textual.widgets import Footer, Header, Static, TextArea
 
 from rpo_local import errors
 from rpo_local.errors import RpoError
+from rpo_local.reflect import RewriteCancelled
 from rpo_local.tui.modals import EditScreen, PickScreen, text_area
 from rpo_local.tui.pipeline import Turn
 from rpo_local.tui.widgets import AssistantTurn, UserMessage
@@ -142,10 +143,11 @@ class ChatScreen(Screen):
             generic = self.pipeline.generic_reply()
             call(self._personalizing, widget, generic)
             stream = Coalescer(lambda text: call(self._stream, widget, text))
-            turn = self.pipeline.personalize(generic, on_text=lambda chunk: self._sink(stream, chunk))
+            turn = self.pipeline.personalize(generic, on_text=lambda chunk: self._sink(stream, chunk),
+                                             cancelled=self.stop_requested)  # Esc stops at the next token
             stream.flush()
             call(self._finished, widget, turn)
-        except Stopped:
+        except (Stopped, RewriteCancelled):
             call(self._failed, widget, text, stored, "stopped: the reply was not kept", "warning")
         except Exception as exc:
             call(self._failed, widget, text, stored, errors.describe_error(exc))

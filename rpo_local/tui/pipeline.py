@@ -146,12 +146,16 @@ class ChatPipeline:
         messages += [{"role": r["role"], "content": r["content"]} for r in rows if r["role"] != "system"]
         return self.upstream.chat(messages).text  # type: ignore[union-attr]
 
-    def personalize(self, generic: str, on_text: TextSink | None = None, on_note: TextSink | None = None) -> Turn:
-        """Rewrite `generic` in the profile's style and store it as the assistant's turn."""
+    def personalize(self, generic: str, on_text: TextSink | None = None, on_note: TextSink | None = None,
+                    cancelled: threading.Event | None = None) -> Turn:
+        """Rewrite `generic` in the profile's style and store it as the assistant's turn. Once
+        `cancelled` is set, generation stops at the next token (RewriteCancelled)."""
+        from rpo_local.reflect import Reflector
+
         self.ensure_ready()
-        result = self.reflector.rewrite(  # type: ignore[union-attr]
-            generic, self.profile, on_text=on_text, on_note=on_note, source="chat"
-        )
+        assert self.reflector is not None
+        reflector = Reflector(self.reflector.store, self.reflector.engine, self.reflector.config, cancelled=cancelled)
+        result = reflector.rewrite(generic, self.profile, on_text=on_text, on_note=on_note, source="chat")
         mid = self.store.add_message(
             self.conversation_id, "assistant", result.rewrite, generic=generic,
             interaction_id=result.interaction_id,
