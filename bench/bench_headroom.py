@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from rpo_local import adapters
 from rpo_local.config import Config
 from rpo_local.evaluate import rouge
 from rpo_local.reflect import keeps_content
@@ -87,7 +88,7 @@ def main() -> None:
         "learned_drop": lambda n, g: drop_words(n, drop.__contains__),
         "fluent_drop": lambda n, g: drop_words(n, fluent.__contains__),
     }
-    min_kept = Config().min_content_kept
+    min_kept = adapters.setting(Config(), "min_content_kept", None)  # the embedded model's gate
     out: dict = {"learned_words": len(drop), "fluent_words": sorted(fluent), "gate": min_kept}
     for name, subset in (("eval_users_0_99", evaluation), ("users_946_1045", val)):
         copy = statistics.mean(rouge(lamp_generic(r["input"]), r["output"])[0] for r in subset)

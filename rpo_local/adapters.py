@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rpo_local.errors import AdapterMismatch, ModelError
 
 if TYPE_CHECKING:
+    from rpo_local.config import Config
     from rpo_local.store import Store
 
 _SMOLLM2 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # SmolLM2-135M Q4_1
@@ -24,6 +25,10 @@ BUILTINS = {
     "builtin-lamp7-answer": ("reflect-lamp7-answer.lora.gguf", _SMOLLM2),  # answer only: 3x fewer tokens
 }
 BUILTIN_NAME = "builtin-lamp7"  # the embedded model's
+# Runtime settings a config value of None ("auto") takes: the ones chosen for a shipped adapter on
+# the tuning users (946-1045), else these.
+DEFAULT_SETTINGS = {"min_content_kept": 0.8, "piece_words": 0}
+BUILTIN_SETTINGS: dict[str, dict] = {}
 
 
 def asset_path(file: str) -> Path:
@@ -67,6 +72,14 @@ def builtin_name(path: str | Path | None) -> str | None:
         if path and Path(path) == asset_path(file):
             return name
     return None
+
+
+def setting(config: Config, key: str, adapter_path: str | Path | None) -> Any:
+    """`config`'s value of `key`, or where it is None ("auto") the adapter's own (see BUILTIN_SETTINGS)."""
+    value = getattr(config, key)
+    if value is not None:
+        return value
+    return BUILTIN_SETTINGS.get(builtin_name(adapter_path) or "", {}).get(key, DEFAULT_SETTINGS[key])
 
 
 def adapter_label(store: Store | None, path: str | Path | None) -> str | None:

@@ -32,14 +32,14 @@ class Config:
     # The trajectory format (prompts.FORMATS); "auto": the one the active adapter was trained on.
     trajectory: str = "auto"
     # A rewrite keeping less of the generic reply's content words than this is refused (the
-    # generic reply is kept; see reflect.keeps_content): the 135M model's style edits help,
-    # its dropped clauses lose far more. 0.8 was the best gate for the shipped adapter on
-    # held-out history items of training users (train/calibrate_gate.py), not on the
-    # evaluation users.
-    min_content_kept: float = 0.8
+    # generic reply is kept; see reflect.keeps_content). None ("auto"): the value chosen for the
+    # adapter in use (adapters.BUILTIN_SETTINGS: 0.8 for the 135M model's, whose dropped clauses
+    # lose far more than its style edits gain), else adapters.DEFAULT_SETTINGS.
+    min_content_kept: float | None = None
     # Sentences of a reply joined into one piece up to this many words (0: one sentence per
-    # piece, what the 135M model handles best; a model trained on whole tweets takes whole ones).
-    piece_words: int = 0
+    # piece, what the 135M model handles best; an adapter trained on whole tweets takes whole
+    # ones). None ("auto"): the adapter's value, as for min_content_kept.
+    piece_words: int | None = None
     temperature: float = 0.0
     seed: int = 0
     n_ctx: int = 2048
@@ -69,11 +69,15 @@ _RANGES = {
     "max_queued_requests": (1, 100_000),  # 0 would refuse every request
     "piece_words": (0, 1000),
 }
+# Keys whose default is None ("auto": the adapter in use decides) and the type of their values.
+_AUTO = {"min_content_kept": float, "piece_words": int}
 _CHOICES = {"trajectory": ("auto", "full", "compact", "answer"), "retriever": RETRIEVERS}
 
 
 def _coerce(name: str, value: object) -> object:
-    kind = type(getattr(Config(), name))
+    if name in _AUTO and str(value).strip().lower() == "auto":
+        return None
+    kind = _AUTO.get(name) or type(getattr(Config(), name))
     try:
         if kind is bool:
             return str(value).lower() in {"1", "true", "yes", "on"}
@@ -119,6 +123,8 @@ def set_value(key: str, value: str, path: Path | None = None) -> None:
     path = path or paths.config_path()
     data = read_file(path)
     data[key] = _coerce(key, value)
+    if data[key] is None:  # "auto": the default, which TOML cannot hold
+        del data[key]
     lines = [f"{k} = {_toml_value(v)}" for k, v in sorted(data.items())]
     from rpo_local.fsutil import atomic_write_text
 

@@ -17,13 +17,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from rpo_local import prompts, segment
+from rpo_local import adapters, prompts, segment
 from rpo_local.config import Config, load_config
 from rpo_local.engine import Completion
 from rpo_local.retrieve import retrieve
 from rpo_local.text import content_kept
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from rpo_local.engine import Engine
     from rpo_local.store import Store
 
@@ -100,6 +102,11 @@ class Reflector:
         self.config = config or load_config()
         self.cancelled = cancelled
 
+    @property
+    def gate(self) -> float:
+        """The content gate: configured, or the adapter's own (adapters.setting)."""
+        return adapters.setting(self.config, "min_content_kept", getattr(self.engine, "adapter_path", None))
+
     # -- public API -----------------------------------------------------------------------------
 
     def rewrite(
@@ -115,7 +122,7 @@ class Reflector:
         deadline: float | None = None,
     ) -> RewriteResult:
         """Rewrite `generic` for `profile`, piece by piece. `on_text` receives the result in order
-        as it is produced, one call per segment of `pieces_of(generic, config)`: verbatim text at
+        as it is produced, one call per segment of `pieces_of(generic, ...)`: verbatim text at
         once, each piece when it is done. Pieces not started by `deadline` (time.monotonic) keep
         their generic text."""
         profile = profile or self.config.profile
@@ -130,7 +137,7 @@ class Reflector:
 
         if self.store is not None:
             self.store.get_profile(profile)  # unknown profile: fail before any model work
-        segments = pieces_of(generic, self.config)
+        segments = pieces_of(generic, self.config, getattr(self.engine, "adapter_path", None))
         total = sum(s.prose for s in segments)
         if total > 1:
             note(f"rewriting {total} pieces in order")
@@ -271,7 +278,7 @@ class Reflector:
         else:
             body, truncated = streamer.answer, answer.finish_reason == "length" and not streamer.done
         traj = prompts.parse_trajectory(raw + body + ("" if truncated else prompts.ANSWER_CLOSE), truncated=truncated)
-        if traj.answer is not None and not keeps_content(traj.answer, generic, self.config.min_content_kept):
+        if traj.answer is not None and not keeps_content(traj.answer, generic, self.gate):
             traj.answer, traj.problem = None, "answer drops the reply's content"
         if traj.answer is None:
             return self._fallback(generic, traj, analysis, answer)
@@ -402,9 +409,9 @@ def interaction_row(source: str, generic: str, result: RewriteResult | None, *, 
     return row
 
 
-def pieces_of(generic: str, config: Config) -> list[segment.Segment]:
+def pieces_of(generic: str, config: Config, adapter_path: str | Path | None) -> list[segment.Segment]:
     """The segments a reply is rewritten in (the reflector and the daemon's stream agree on them)."""
-    return segment.split(generic, piece_words=config.piece_words)
+    return segment.split(generic, piece_words=adapters.setting(config, "piece_words", adapter_path))
 
 
 def keeps_content(answer: str, generic: str, minimum: float) -> bool:

@@ -185,6 +185,25 @@ def test_a_share_outside_0_to_1_is_refused_and_the_file_kept(cli, rpo_home, monk
     assert cli("config", "show", "--json").code == 9
 
 
+def test_gate_and_piece_words_follow_the_adapter_unless_configured(cli, rpo_home, monkeypatch):
+    from rpo_local import adapters
+    from rpo_local.config import Config, load_config
+
+    shipped = adapters.asset_path(adapters.BUILTINS["builtin-lamp7-answer"][0])
+    monkeypatch.setitem(adapters.BUILTIN_SETTINGS, "builtin-lamp7-answer", {"min_content_kept": 0.1, "piece_words": 60})
+    auto = load_config()
+    assert auto.min_content_kept is None and auto.piece_words is None  # "auto" by default
+    assert adapters.setting(auto, "min_content_kept", shipped) == 0.1
+    assert adapters.setting(auto, "piece_words", shipped) == 60
+    assert adapters.setting(auto, "min_content_kept", "elsewhere/mine.lora.gguf") == 0.8  # the defaults
+    assert adapters.setting(auto, "piece_words", None) == 0
+    assert adapters.setting(Config(min_content_kept=0.5), "min_content_kept", shipped) == 0.5  # configured wins
+    assert cli("config", "set", "piece_words", "30").code == 0 and load_config().piece_words == 30
+    assert cli("config", "set", "piece_words", "auto").code == 0 and load_config().piece_words is None
+    monkeypatch.setenv("RPO_MIN_CONTENT_KEPT", "auto")
+    assert load_config().min_content_kept is None
+
+
 def test_max_queued_requests_is_a_checked_setting(cli, rpo_home, monkeypatch):
     assert json.loads(cli("config", "show", "--json").stdout)["max_queued_requests"] == 32
     r = cli("config", "set", "max_queued_requests", "0")  # would refuse every request

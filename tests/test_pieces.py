@@ -279,6 +279,20 @@ def test_piece_words_joins_short_sentences_into_one_piece_for_the_reflector(ann)
     assert len(Reflector(ann, engine, Config()).rewrite(text, "ann").pieces) == 3
 
 
+def test_the_adapter_in_use_sets_piece_words_and_the_gate_unless_configured(ann, monkeypatch):
+    from rpo_local import adapters
+
+    text = "The build failed again. Restart the runner now. Check the disk quota."
+    monkeypatch.setitem(adapters.BUILTIN_SETTINGS, "builtin-lamp7-answer", {"min_content_kept": 0.1, "piece_words": 40})
+    engine = FakeEngine(lambda prompt: "build failed lol</answer>" if prompt.endswith("<answer>") else "x</style><answer>")
+    engine.adapter_path = adapters.asset_path(adapters.BUILTINS["builtin-lamp7-answer"][0])
+    result = Reflector(ann, engine, Config()).rewrite(text, "ann")
+    assert len(result.pieces) == 1 and result.rewrite.startswith("build failed lol")  # its gate 0.1 lets it through
+    result = Reflector(ann, engine, Config(min_content_kept=0.8, piece_words=0)).rewrite(text, "ann")
+    assert len(result.pieces) == 3  # configured values win: three pieces, the 0.8 gate refuses the two it guts
+    assert [p.rewritten for p in result.pieces] == [True, False, False]
+
+
 def test_pieces_stream_as_they_are_done(ann):
     seen: list[tuple[int, str]] = []
     engine = FakeEngine(lowercasing_responder)

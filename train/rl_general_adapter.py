@@ -37,6 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rpo_local import adapters
 from rpo_local.config import load_config
 from rpo_local.fsutil import atomic_write_text
 from rpo_local.models import resolve_model_path, sha256
@@ -167,7 +168,7 @@ def rollouts(args: argparse.Namespace, model_path: Path, adapter: Path,
         model, tok = adapter_model(model_path, args, adapter)
         deadline = time.monotonic() + args.budget_s if args.budget_s else None
         rolls = rl.torch_rollouts(model, tok, pool, dataset.gguf_chat_template(model_path), n=args.samples, temperature=args.temperature,
-                                  min_kept=config.min_content_kept, deadline=deadline, seed=r)
+                                  min_kept=adapters.setting(config, "min_content_kept", None), deadline=deadline, seed=r)
     atomic_write_text(path, "".join(json.dumps(asdict(x), ensure_ascii=False) + "\n" for x in rolls))
     return rolls
 
@@ -203,7 +204,7 @@ def validate(model_path: Path, args: argparse.Namespace, adapter: Path, val: lis
 def score(model: Any, tok: Any, val: list[dataset.Example], model_path: Path) -> dict:
     """Greedy rewrites of the validation examples with the runtime's content gate: mean
     ROUGE-1 of what `rpo rewrite` would print, against keeping the generic text."""
-    rolls = rl.torch_rollouts(model, tok, val, dataset.gguf_chat_template(model_path), n=1, temperature=0.0, min_kept=load_config().min_content_kept,
+    rolls = rl.torch_rollouts(model, tok, val, dataset.gguf_chat_template(model_path), n=1, temperature=0.0, min_kept=adapters.setting(load_config(), "min_content_kept", None),
                               progress=False)
     figures = rl.summary(rolls, [])
     return {"copy": figures["baseline_reward"], "rpo": figures["best_reward"],

@@ -77,7 +77,7 @@ async def stream(daemon: Daemon, profile: str, reply: Any, model: str, detail: b
                 result = job.future.result()
         if reason is not None:
             # Never lose the reply: the segments not sent yet follow as the generic reply has them.
-            tail = "".join(seg.text for seg in reflect.pieces_of(generic, daemon.config)[len(sent):])
+            tail = "".join(seg.text for seg in reflect.pieces_of(generic, daemon.config, daemon.engine.adapter_path)[len(sent):])
             sent.append(tail)
             if tail:
                 yield chunk({"content": tail})
