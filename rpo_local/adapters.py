@@ -20,15 +20,20 @@ if TYPE_CHECKING:
 _SMOLLM2 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # SmolLM2-135M Q4_1
 # Shipped adapters: name -> (file in rpo_local/assets, sha256 of the base GGUF it was trained on).
 # The first one for a base is its default; the others are activated by name.
+_QWEN15 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"  # Qwen2.5-Coder-1.5B-Instruct Q4_K_M
 BUILTINS = {
     "builtin-lamp7": ("reflect-lamp7.lora.gguf", _SMOLLM2),  # full trajectory
     "builtin-lamp7-answer": ("reflect-lamp7-answer.lora.gguf", _SMOLLM2),  # answer only: 3x fewer tokens
+    "builtin-lamp7-qwen1.5b": ("reflect-lamp7-qwen1.5b.lora.gguf", _QWEN15),  # answer only (model card)
 }
 BUILTIN_NAME = "builtin-lamp7"  # the embedded model's
 # Runtime settings a config value of None ("auto") takes: the ones chosen for a shipped adapter on
 # the tuning users (946-1045), else these.
 DEFAULT_SETTINGS = {"min_content_kept": 0.8, "piece_words": 0}
-BUILTIN_SETTINGS: dict[str, dict] = {}
+BUILTIN_SETTINGS: dict[str, dict] = {
+    # Trained on whole tweets: given whole ones; it rarely drops content, so a low gate (train/sweep_gate.py).
+    "builtin-lamp7-qwen1.5b": {"min_content_kept": 0.1, "piece_words": 60},
+}
 
 
 def asset_path(file: str) -> Path:

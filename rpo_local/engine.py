@@ -97,6 +97,35 @@ def batch_invariant() -> bool:
     return "LLAMAFILE=1" not in info and "MATMUL_INT8=1" not in info
 
 
+_LOG_CALLBACK = None  # kept referenced: llama.cpp calls it for as long as the process lives
+GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 4, 5  # ggml's enum since its DEBUG level came first
+
+
+def quiet_llama_logs() -> None:
+    """Let only llama.cpp's errors reach stderr. llama-cpp-python 0.3.36 maps ggml's log levels
+    with the old enum (WARN read as ERROR), so its verbose=False still printed a warning per LoRA
+    tensor ("cannot use buft 'CPU_REPACK'") on every rewrite with a Q4_K_M base."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+    import ctypes
+    import sys
+
+    import llama_cpp
+
+    shown = [False]  # whether the message a CONT line continues was shown
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if level != GGML_LOG_LEVEL_CONT:
+            shown[0] = level == GGML_LOG_LEVEL_ERROR
+        if shown[0]:
+            print(text.decode("utf-8", errors="replace"), end="", flush=True, file=sys.stderr)
+
+    _LOG_CALLBACK = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
 def default_threads() -> int:
     """Generation threads: llama-cpp-python's default (half the logical CPUs) leaves one of two
     cores idle on a small laptop (50 vs 76 tok/s measured on 2 cores); above four CPUs, half
@@ -119,6 +148,7 @@ class LlamaEngine:
         import llama_cpp
 
         check_gguf(model_path)
+        quiet_llama_logs()
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.lock = threading.RLock()

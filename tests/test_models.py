@@ -186,3 +186,14 @@ def test_a_shipped_adapter_is_named_like_a_registered_one(rpo_home):
         assert adapter_from_ref(name) == asset_path(file) and asset_path(file).is_file()
     with pytest.raises(NotFound):
         adapter_from_ref("builtin-nonesuch")
+
+
+def test_only_llama_cpp_errors_reach_stderr(capfd):
+    """A warning per LoRA tensor used to reach stderr on every rewrite (llama-cpp-python's level map)."""
+    from rpo_local import engine
+
+    engine.quiet_llama_logs()
+    for level, text in ((3, b"warn: cannot use buft\n"), (5, b"more of the warning\n"), (2, b"info\n"),
+                        (4, b"error: broken\n"), (5, b"more of the error\n")):
+        engine._LOG_CALLBACK(level, text, None)
+    assert capfd.readouterr().err == "error: broken\nmore of the error\n"
