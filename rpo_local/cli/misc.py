@@ -44,7 +44,7 @@ def config_show(json_out: JsonOpt = False) -> None:
         print_json(values)
     else:
         for key, value in values.items():
-            print(f"{key} = {value!r}")
+            print(f"{key} = {'auto' if value is None else repr(value)}")  # None: the adapter decides
 
 
 @config_app.command("set")
