@@ -18,9 +18,9 @@ if TYPE_CHECKING:
     from rpo_local.store import Store
 
 _SMOLLM2 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # SmolLM2-135M Q4_1
+_QWEN15 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"  # Qwen2.5-Coder-1.5B-Instruct Q4_K_M
 # Shipped adapters: name -> (file in rpo_local/assets, sha256 of the base GGUF it was trained on).
 # The first one for a base is its default; the others are activated by name.
-_QWEN15 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"  # Qwen2.5-Coder-1.5B-Instruct Q4_K_M
 BUILTINS = {
     "builtin-lamp7": ("reflect-lamp7.lora.gguf", _SMOLLM2),  # full trajectory
     "builtin-lamp7-answer": ("reflect-lamp7-answer.lora.gguf", _SMOLLM2),  # answer only: 3x fewer tokens
