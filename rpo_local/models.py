@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rpo_local.errors import ModelError
+from rpo_local.errors import InputError, ModelError
 
 if TYPE_CHECKING:
     from rpo_local.store import Store
@@ -69,6 +69,12 @@ def _registered(name: str, store: Store | None) -> dict:
 
     with Store.open() as opened:
         return opened.get_model(name)
+
+
+def check_model_name(name: str) -> None:
+    """A registered model's name: letters, digits, '.', '-' and '_' (it also names files), not the embedded one's."""
+    if name == EMBEDDED_NAME or not name.replace("-", "").replace(".", "").replace("_", "").isalnum():
+        raise InputError(f"model name {name!r}: use letters, digits, '.', '-' and '_' (not {EMBEDDED_NAME!r})")
 
 
 def check_gguf(path: Path) -> None:

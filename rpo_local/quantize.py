@@ -47,6 +47,8 @@ def quantize_model(src: Path, dst: Path, qtype: str, *, allow_requantize: bool =
         raise InputError(f"unknown quantization type {qtype!r}; use one of {', '.join(TYPES)}")
     check_gguf(src)
     check_source(src, allow_requantize)
+    if dst.exists():
+        raise InputError(f"{dst} exists; it is never overwritten (give another --out or --name)")
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()

@@ -29,6 +29,12 @@ def test_requantized_when_asked_registered_and_loadable(cli):
     assert listed["smollm2-135m-q8_0"]["arch"] == "llama" and listed["smollm2-135m-q8_0"]["exists"]
     again = cli("quantize", "model", "smollm2-135m", "--type", "Q8_0", "--allow-requantize")
     assert again.code == 3 and "exists" in again.stderr  # never overwrites a registered model
+    mine = written.parent / "mine.gguf"
+    mine.write_bytes(b"the user's own file")
+    taken = cli("quantize", "model", "smollm2-135m", "--allow-requantize", "--name", "other", "--out", str(mine))
+    assert taken.code == 3 and "never overwritten" in taken.stderr and mine.read_bytes() == b"the user's own file"
+    escaping = cli("quantize", "model", "smollm2-135m", "--allow-requantize", "--name", "../escaped")
+    assert escaping.code == 3 and not (paths.models_dir().parent / "escaped.gguf").exists()
 
 
 def test_a_failed_quantize_leaves_nothing_behind(tmp_path):

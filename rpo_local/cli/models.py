@@ -55,12 +55,11 @@ def add(
     json_out: JsonOpt = False,
 ) -> None:
     """Register a GGUF model: its checksum, architecture and chat template are read first."""
-    from rpo_local.errors import InputError, ModelError
-    from rpo_local.models import EMBEDDED_NAME, describe_model
+    from rpo_local.errors import ModelError
+    from rpo_local.models import check_model_name, describe_model
 
     name = name or path.name.removesuffix(".gguf").lower()
-    if name == EMBEDDED_NAME or not name.replace("-", "").replace(".", "").replace("_", "").isalnum():
-        raise InputError(f"model name {name!r}: use letters, digits, '.', '-' and '_' (not {EMBEDDED_NAME!r})")
+    check_model_name(name)
     info = describe_model(path.expanduser())
     if sha256 and info["sha256"] != sha256.lower():
         raise ModelError(f"{path}: sha256 is {info['sha256']}, expected {sha256}")

@@ -24,16 +24,16 @@ def model(
     """Write a re-quantized copy of a model and register it (only once llama.cpp loads it);
     the path goes to stdout. `rpo models use NAME` then runs it."""
     from rpo_local import paths
-    from rpo_local.models import EMBEDDED_NAME, describe_model, looks_like_path, resolve_model_path
+    from rpo_local.errors import InputError
+    from rpo_local.models import check_model_name, describe_model, looks_like_path, resolve_model_path
     from rpo_local.quantize import quantize_model
 
     with open_store() as store:
         src = resolve_model_path(ref, store)
         base = src.name.removesuffix(".gguf").lower() if looks_like_path(ref) else ref
         name = name or f"{base}-{qtype.lower()}"
-        if name == EMBEDDED_NAME or store.has_model(name):
-            from rpo_local.errors import InputError
-
+        check_model_name(name)  # it also names the file: no '/' or '..'
+        if store.has_model(name):
             raise InputError(f"a model named {name!r} exists; choose another with --name")
         dst = out or paths.models_dir() / f"{name}.gguf"
         note(f"quantizing {src.name} to {qtype} (llama.cpp)")
