@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -40,6 +41,11 @@ class Config:
     # piece, what the 135M model handles best; an adapter trained on whole tweets takes whole
     # ones). None ("auto"): the adapter's value, as for min_content_kept.
     piece_words: int | None = None
+    # The profile's style vector (rpo_local.style, `rpo style build`) steers the rewrite next to
+    # the adapter: style_scale x its direction added after blocks style_layers ("A-B", inclusive).
+    style: bool = False
+    style_scale: float = 1.0
+    style_layers: str = "1-29"
     temperature: float = 0.0
     seed: int = 0
     n_ctx: int = 2048
@@ -51,6 +57,10 @@ class Config:
     max_queued_requests: int = 32  # rewrites waiting for the daemon's one worker; more are a 503
     train_min_new_items: int = 20  # new history/feedback items that trigger a training run
     train_interval_hours: float = 24.0
+
+    def style_layer_range(self) -> tuple[int, int]:
+        first, last = (int(n) for n in self.style_layers.split("-"))
+        return first, last
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -68,6 +78,7 @@ _RANGES = {
     "upstream_timeout_s": (0.1, 86400.0),  # 0 or less would fail every request
     "max_queued_requests": (1, 100_000),  # 0 would refuse every request
     "piece_words": (0, 1000),
+    "style_scale": (-100.0, 100.0),
 }
 # Keys whose default is None ("auto": the adapter in use decides) and the type of their values.
 _AUTO = {"min_content_kept": float, "piece_words": int}
@@ -89,6 +100,8 @@ def _coerce(name: str, value: object) -> object:
     low, high = _RANGES.get(name, (out, out))
     if not low <= out <= high:
         raise ConfigError(f"config key {name!r} must be between {low} and {high}, got {value!r}")
+    if name == "style_layers" and not re.fullmatch(r"\d+-\d+", str(out)):
+        raise ConfigError(f"config key 'style_layers' takes FIRST-LAST block numbers (e.g. 4-12), got {value!r}")
     if name == "profile" and (reason := names.problem(out)):
         raise ConfigError(f"config key 'profile': {reason} ({names.RULE}), got {value!r}")
     return out

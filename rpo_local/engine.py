@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -19,6 +20,7 @@ from rpo_local.models import check_gguf, resolve_model_path
 
 if TYPE_CHECKING:
     from rpo_local.config import Config
+    from rpo_local.style import StyleVector
 
 
 @dataclass
@@ -62,6 +64,10 @@ class Engine(Protocol):
         ...
 
     def set_adapter(self, path: Path | None, scale: float = 1.0) -> None: ...
+
+    def set_style(self, vector: StyleVector | None, scale: float = 1.0, layers: tuple[int, int] = (1, 10_000)) -> None:
+        """Steer generation with a style vector (`rpo_local.style`), next to the adapter; None: off."""
+        ...
 
     def describe(self) -> dict: ...
 
@@ -174,6 +180,8 @@ class LlamaEngine:
         self._adapters: dict[Path, object] = {}  # loaded once, kept for hot-swapping
         self.adapter_path: Path | None = None
         self.adapter_format: str | None = None  # the trajectory format the adapter was trained on
+        self.style: StyleVector | None = None
+        self.style_scale, self.style_layers = 1.0, (1, 10_000)
         if adapter_path is not None:
             self.set_adapter(adapter_path)
 
@@ -293,12 +301,37 @@ class LlamaEngine:
             self.llm.reset()
             self.adapter_path = path
 
+    def set_style(self, vector: StyleVector | None, scale: float = 1.0, layers: tuple[int, int] = (1, 10_000)) -> None:
+        """Add `vector` x `scale` to the residual stream after blocks `layers` (inclusive) as
+        llama.cpp's control vector, together with the LoRA; None turns it off. In place: the
+        model stays loaded."""
+        import llama_cpp
+
+        from rpo_local import style
+
+        with self.lock:
+            n_embd = self.llm.n_embd()
+            if vector is None:
+                status = llama_cpp.llama_set_adapter_cvec(self.llm.ctx, None, 0, n_embd, -1, -1)
+            else:
+                style.check(vector, self.model_path, n_embd)
+                data = vector.data(scale, layers)
+                status = llama_cpp.llama_set_adapter_cvec(
+                    self.llm.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), data.size, n_embd,
+                    max(1, layers[0]), min(vector.n_layer - 1, layers[1]),
+                )
+            if status:
+                raise ModelError(f"llama.cpp refused the style vector (status {status})")
+            self.llm.reset()  # the KV cache was computed without it
+            self.style, self.style_scale, self.style_layers = vector, scale, layers
+
     def describe(self) -> dict:
         return {
             "backend": self.backend,
             "model": str(self.model_path),
             "model_bytes": self.model_path.stat().st_size,
             "adapter": str(self.adapter_path) if self.adapter_path else None,
+            "style": str(self.style.path or "in memory") if self.style is not None else None,
             "n_ctx": self.n_ctx,
             "speculative": self.speculative,
         }

@@ -5,7 +5,9 @@ Methods:
 - `base`: the base model's non-personalized answer to the task input;
 - `context`: the top-k retrieved profile items in LaMP's per-task prompt (context injection);
 - `rpo`: the generic text rewritten by the reflection model (no adapter) with the top-k items;
-- `rpo+adapter`: the same with a GGUF LoRA adapter switched in with `engine.set_adapter`.
+- `rpo+adapter`: the same with a GGUF LoRA adapter switched in with `engine.set_adapter`;
+- `rpo+style`, `rpo+adapter+style`: the same steered by the user's style vector, built from their
+  profile and its neutral paraphrases (`rpo_local.style`; paraphrases cached in the cache folder).
 
 Each user's profile goes into a throw-away SQLite store so the real retrieval and the real
 Reflector run. Scoring is LaMP's: ROUGE-1 and ROUGE-L F-measure of Google's `rouge-score`, no
@@ -36,8 +38,8 @@ if TYPE_CHECKING:
     from rpo_local.engine import Engine
     from rpo_local.store import Store
 
-METHODS = ("copy", "base", "context", "rpo", "rpo+adapter")
-REWRITE_METHODS = ("rpo", "rpo+adapter")
+METHODS = ("copy", "base", "context", "rpo", "rpo+adapter", "rpo+style", "rpo+adapter+style")
+REWRITE_METHODS = ("rpo", "rpo+adapter", "rpo+style", "rpo+adapter+style")
 RPO_INPUTS = ("input", "base")
 PROFILE = "lamp-user"  # the one profile of each throw-away store
 
@@ -133,16 +135,20 @@ class EvalReport:
     seed: int
     max_tokens: int
     retriever: str = "bm25"
+    style: str | None = None  # "SCALE@FIRST-LAST" when a style method runs
     users: list[UserResult] = field(default_factory=list)
     partial: bool = False
     wall_s: float = 0.0  # this session's time (without the users resumed from a checkpoint)
     resumed: int = 0  # users taken from a checkpoint
+    style_build_s: list[float] = field(default_factory=list)  # per user built this session
 
     def settings(self) -> dict:
         """What makes two runs' results comparable (a checkpoint must match them)."""
         keys = ("task", "data", "methods", "offset", "k", "rpo_input", "model", "adapter", "seed", "max_tokens")
         # retriever only when not bm25: checkpoints written before it existed still match
         extra = {"retriever": self.retriever} if self.retriever != "bm25" else {}
+        if self.style:
+            extra["style"] = self.style
         return {"rpo_eval_checkpoint": 1, **{key: getattr(self, key) for key in keys}, **extra}
 
     @property
@@ -182,6 +188,10 @@ class EvalReport:
             "wall_s": round(self.wall_s, 2), "resumed": self.resumed,
             "methods": [asdict(s) for s in self.summaries()],
         }
+        if self.style:
+            built = self.style_build_s
+            doc["style"] = {"setting": self.style, "vectors_built": len(built),
+                            "build_s_mean": round(sum(built) / len(built), 3) if built else None}
         if per_user:
             doc["per_user"] = [asdict(u) for u in self.users]
         return doc
@@ -317,8 +327,8 @@ def check_options(
         raise InputError(f"{task}'s input is a task, not a generic text: use --rpo-input base")
     if task == "LaMP_7_replies" and (rpo_input != "input" or {"base", "context"} & set(methods)):
         raise InputError("the replies task rewrites its generic replies: use methods copy, rpo, rpo+adapter")
-    if "rpo+adapter" in methods and adapter is None:
-        raise InputError("method rpo+adapter needs an adapter (--adapter NAME|PATH)")
+    if adapter is None and (needs := [m for m in methods if "+adapter" in m]):
+        raise InputError(f"method {needs[0]} needs an adapter (--adapter NAME|PATH)")
     return methods, rpo_input
 
 
@@ -345,13 +355,14 @@ def run_eval(
     config = replace(config or load_config(), temperature=0.0)
     k = config.k if k is None else k
     methods, rpo_input = check_options(data.task, methods, adapter=adapter, rpo_input=rpo_input, k=k)
-    if "rpo+adapter" in methods:
+    if any("+adapter" in m for m in methods):
         _check_adapter(engine, Path(adapter))
     users = lamp.select(data.users, offset=offset, limit=limit)
     report = EvalReport(
         task=data.task, data=data.source, methods=methods, selected=len(users), offset=offset, limit=limit,
         k=k, rpo_input=rpo_input, model=engine.model_path.name, adapter=str(adapter) if adapter else None,
         seed=config.seed, max_tokens=max_tokens, retriever=config.retriever,
+        style=f"{config.style_scale}@{config.style_layers}" if any(m.endswith("+style") for m in methods) else None,
     )
     saved = _Checkpoint(Path(checkpoint), report.settings()) if checkpoint is not None else None
     if saved is not None:
@@ -366,6 +377,7 @@ def run_eval(
             for i in range(report.resumed, len(users)):
                 result = runner.run_user(users[i], methods, Path(tmp) / f"user-{i}.db")
                 report.users.append(result)
+                report.style_build_s = runner.style_build_s
                 if saved is not None:
                     saved.append(result)
                 report.wall_s = time.perf_counter() - start
@@ -455,14 +467,47 @@ class _Runner:
         self.max_tokens = max_tokens
         self.adapter = Path(adapter) if adapter else None
         self.initial_adapter = engine.adapter_path
+        self.initial_style = getattr(engine, "style", None)
+        self._torch: tuple | None = None  # the model for style vectors, loaded on first use
+        self._vector = None  # this user's style vector (None: too few usable texts)
+        self.style_build_s: list[float] = []
 
     def restore(self) -> None:
         if self.engine.adapter_path != self.initial_adapter:
             self.engine.set_adapter(self.initial_adapter)
+        if getattr(self.engine, "style", None) is not self.initial_style:
+            self.engine.set_style(self.initial_style)
 
-    def _use_adapter(self, path: Path | None) -> None:
+    def _use_adapter(self, path: Path | None, vector: object = None) -> None:
         if self.engine.adapter_path != path:
             self.engine.set_adapter(path)
+        if getattr(self.engine, "style", None) is not vector:
+            self.engine.set_style(vector, self.config.style_scale, self.config.style_layer_range())
+
+    def _style_vector(self, user: lamp.LampUser) -> object:
+        """The user's style vector from their profile texts and their neutral paraphrases (made by
+        the bare base model once, then cached), as `rpo style build` makes it; None when too few
+        texts have a usable paraphrase."""
+        from rpo_local import paths, style
+        from rpo_local.fsutil import atomic_write_text
+        from rpo_local.models import sha256
+
+        texts = [t for t in (lamp.item_text(self.task, e).strip() for e in user.profile) if t][-style.MAX_TEXTS:]
+        cache_path = paths.cache_dir() / f"style-paraphrases-{Path(self.engine.model_path).stem}.json"
+        cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
+        known = len(cache)
+        neutrals = style.neutral_versions(self.engine, texts, cache)
+        if len(cache) != known:
+            atomic_write_text(cache_path, json.dumps(cache, ensure_ascii=False))
+        start = time.perf_counter()
+        if self._torch is None:
+            self._torch = style.load_torch(self.engine.model_path)
+        try:
+            vector = style.build(*self._torch, list(zip(texts, neutrals, strict=True)), sha256(self.engine.model_path))
+        except InputError:
+            return None
+        self.style_build_s.append(time.perf_counter() - start)
+        return vector
 
     def run_user(self, user: lamp.LampUser, methods: list[str], db_path: Path) -> UserResult:
         result = UserResult(user.id, user.output)
@@ -470,6 +515,8 @@ class _Runner:
         needs_store = any(m in ("context", *REWRITE_METHODS) for m in methods)
         with self._store(db_path) if needs_store else nullcontext() as store:
             by_text = self._load_profile(store, user) if store is not None else {}
+            if any(m.endswith("+style") for m in methods):
+                self._vector = self._style_vector(user)
             base = None
             if "base" in methods or self.rpo_input == "base":
                 self._use_adapter(None)
@@ -484,7 +531,8 @@ class _Runner:
                     self._use_adapter(None)
                     out = self._context(store, user, question, by_text)
                 else:
-                    self._use_adapter(self.adapter if method == "rpo+adapter" else None)
+                    self._use_adapter(self.adapter if "+adapter" in method else None,
+                                      self._vector if method.endswith("+style") else None)
                     out = self._rewrite(store, generic)
                 out.rouge1, out.rougeL = rouge(out.output, user.output)
                 result.outputs[method] = out

@@ -53,6 +53,11 @@ def adapters_dir() -> Path:
     return data_dir() / "adapters"
 
 
+def styles_dir() -> Path:
+    """Per-profile style vectors (llama.cpp control vectors, `rpo style build`)."""
+    return data_dir() / "styles"
+
+
 def models_dir() -> Path:
     """Models rpo made itself (`rpo quantize model`)."""
     return data_dir() / "models"
@@ -79,6 +84,7 @@ def all_paths() -> dict[str, Path]:
         "config": config_path(),
         "database": db_path(),
         "adapters": adapters_dir(),
+        "styles": styles_dir(),
         "models": models_dir(),
         "runs": runs_dir(),
         "cache": cache_dir(),

@@ -32,10 +32,12 @@ def open_reflector(
     model: str | Path | None = None,
     adapter: str | None = None,
     store: Store | None = None,
+    style: bool | None = None,
 ) -> Reflector:
     """A ready Reflector for `profile` (default: the configured one), running the adapter that
     profile uses, exactly as `rpo rewrite` does; its rewrites are for `profile` unless told
-    otherwise. The profile must exist (checked before the model loads)."""
+    otherwise. The profile must exist (checked before the model loads). `style`: steer with the
+    profile's style vector (None: as configured; True and none built is a NotFound)."""
     from rpo_local import engine as engine_mod
     from rpo_local.reflect import Reflector
     from rpo_local.store import Store
@@ -47,4 +49,8 @@ def open_reflector(
     store.get_profile(profile)
     adapter_path = adapter_for(store, profile, adapter)
     eng = engine_mod.open_engine(config, model=model, adapter=adapter_path)
+    if config.style if style is None else style:
+        from rpo_local.style import apply_profile_style
+
+        apply_profile_style(eng, config, profile, required=bool(style))
     return Reflector(store, eng, config)

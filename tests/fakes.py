@@ -42,6 +42,8 @@ class FakeEngine:
         self.n_ctx = n_ctx
         self.model_path = Path("fake-model.gguf")
         self.adapter_path: Path | None = None
+        self.style = None  # the style vector set with set_style, and how
+        self.style_scale, self.style_layers = 1.0, (1, 10_000)
         self.lock = threading.RLock()
         self.prompts: list[str] = []
         self.drafts: list[str | None] = []  # the `draft` of each stream call
@@ -83,6 +85,9 @@ class FakeEngine:
 
     def set_adapter(self, path: Path | None, scale: float = 1.0) -> None:
         self.adapter_path = path
+
+    def set_style(self, vector: object, scale: float = 1.0, layers: tuple[int, int] = (1, 10_000)) -> None:
+        self.style, self.style_scale, self.style_layers = vector, scale, layers
 
     def describe(self) -> dict:
         return {"backend": "fake", "model": str(self.model_path), "adapter": None}

@@ -19,6 +19,7 @@ from rpo_local.cli import eval as eval_cli
 from rpo_local.cli import models as models_cli
 from rpo_local.cli import quantize as quantize_cli
 from rpo_local.cli import serve as serve_cli
+from rpo_local.cli import style as style_cli
 from rpo_local.cli import train as train_cli
 from rpo_local.errors import EXIT_INTERRUPTED, RpoError
 
@@ -39,6 +40,7 @@ misc.register(app)
 app.command("eval")(eval_cli.eval_cmd)
 app.add_typer(train_cli.app, name="train")
 app.add_typer(adapters_cli.app, name="adapters")
+app.add_typer(style_cli.app, name="style")
 app.add_typer(models_cli.app, name="models")
 app.add_typer(quantize_cli.app, name="quantize")
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from rpo_local.lamp import LampData
 
 ALL_METHODS = "copy,base,context,rpo,rpo+adapter"
+STYLE_METHODS = "rpo+style,rpo+adapter+style"  # opt-in: they need the [train] extra (torch)
 
 
 def eval_cmd(
@@ -26,7 +27,7 @@ def eval_cmd(
     questions: Annotated[Path | None, typer.Option("--questions", help="LaMP questions JSON (two-file layout)")] = None,
     outputs: Annotated[Path | None, typer.Option("--outputs", help="LaMP outputs JSON with the golds (two-file layout)")] = None,
     task: Annotated[str | None, typer.Option("--task", help="LaMP task 4, 5 or 7 [default: from the file]")] = None,
-    methods: Annotated[str | None, typer.Option("--methods", help=f"Comma-separated, any of {ALL_METHODS} [default: all that can run]")] = None,
+    methods: Annotated[str | None, typer.Option("--methods", help=f"Comma-separated, any of {ALL_METHODS},{STYLE_METHODS} [default: all that can run but the style ones]")] = None,
     adapter: Annotated[str | None, typer.Option("--adapter", help="GGUF LoRA adapter (name, id or path) for rpo+adapter [default: the builtin one]")] = None,
     limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Evaluate N users")] = None,
     offset: Annotated[int, typer.Option("--offset", min=0, help="Skip the first N users")] = 0,
@@ -55,8 +56,10 @@ def eval_cmd(
     dataset = lamp.load(data, questions=questions, outputs=outputs, task=task)
     adapter_path = _adapter_path(adapter, model)
     method_list = evaluate.parse_methods(methods or _default_methods(adapter_path, replies))
-    if "rpo+adapter" not in method_list:
+    if not any("+adapter" in m for m in method_list):
         adapter_path = None
+    if any(m.endswith("+style") for m in method_list):
+        require("train", "rpo eval's style methods", ("torch", "transformers"))
     users = lamp.select(dataset.users, offset=offset, limit=limit)
     if not users:
         raise InputError(f"{dataset.source}: no users left after --offset {offset}")

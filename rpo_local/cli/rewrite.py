@@ -24,6 +24,7 @@ def rewrite(
     retriever: RetrieverOpt = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="GGUF reflection model")] = None,
     adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter name/id/path, or 'none'")] = None,
+    style: Annotated[bool | None, typer.Option("--style/--no-style", help="Steer with the profile's style vector (`rpo style build`) [default: configured]")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the rewrite to FILE (atomically)")] = None,
     json_out: JsonOpt = False,
     show_trajectory: Annotated[bool, typer.Option("--show-trajectory", "-t", help="Print the trajectory on stderr")] = False,
@@ -48,7 +49,7 @@ def rewrite(
     store = Store.open()
     if log:
         store.check_writable()  # before the model loads; --no-log works on a read-only database
-    reflector = open_reflector(config, profile=profile, model=model, adapter=adapter, store=store)
+    reflector = open_reflector(config, profile=profile, model=model, adapter=adapter, store=store, style=style)
     profile = config.profile if profile is None else profile
     on_note = None if quiet else note
     if json_out:
