@@ -1,4 +1,5 @@
-"""`rpo quantize`: re-quantize a reflection model with llama.cpp's quantizer and register it."""
+"""`rpo quantize`: re-quantize a reflection model, or merge an adapter into it, with llama.cpp's quantizer,
+and register the result."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import typer
 
 from rpo_local.cli._common import JsonOpt, note, open_store, print_json
 
-app = typer.Typer(help="Re-quantize GGUF models with llama.cpp's quantizer.", no_args_is_help=True)
+app = typer.Typer(help="Re-quantize GGUF models, or merge an adapter into one, with llama.cpp's quantizer.", no_args_is_help=True)
 
 
 @app.command("model")
@@ -45,3 +46,61 @@ def model(
     else:
         print(dst)
         note(f"registered {name!r} ({info['bytes'] / 1e6:.0f} MB); `rpo models use {name}` to run it")
+
+
+@app.command("merge")
+def merge(
+    adapter: Annotated[str, typer.Option("--adapter", help="A shipped adapter's name, a registered one's, or a GGUF path")],
+    qtype: Annotated[str, typer.Option("--type", help="Q8_0, F16, F32, Q4_K_M, ... (rpo_local.quantize.TYPES)")] = "Q8_0",
+    model: Annotated[str | None, typer.Option("--model", help="The adapter's base [default: the reflection model]")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Register it as [default: MODEL-ADAPTER-TYPE]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="The file to write [default: in `rpo paths` models]")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Merge a LoRA adapter into its base as one GGUF of --type (for another llama.cpp runtime) and
+    register it once llama.cpp loads it; the path goes to stdout. Reports on stderr how much of the
+    adapter's effect on the logits survives the type, and warns when most is lost."""
+    import time
+
+    from rpo_local import paths
+    from rpo_local.adapters import BUILTINS, adapter_from_ref, adapter_label
+    from rpo_local.config import load_config
+    from rpo_local.errors import InputError
+    from rpo_local.models import EMBEDDED_NAME, check_model_name, describe_model, looks_like_path, resolve_model_path
+    from rpo_local.quantize import SURVIVAL_WARN, merge_adapter
+
+    with open_store() as store:
+        ref = model or load_config().model or EMBEDDED_NAME
+        src = resolve_model_path(ref, store)
+        adapter_path = adapter_from_ref(adapter, store)
+        if adapter_path is None:
+            raise InputError("--adapter none: there is nothing to merge")
+        label = adapter_label(store, adapter_path) or adapter_path.name
+        base = src.name.removesuffix(".gguf").lower() if looks_like_path(ref) else ref
+        name = name or f"{base}-{label.removesuffix('.gguf').removesuffix('.lora')}-{qtype.lower()}"
+        check_model_name(name)  # it also names the file: no '/' or '..'
+        if store.has_model(name):
+            raise InputError(f"a model named {name!r} exists; choose another with --name")
+        dst = out or paths.models_dir() / f"{name}.gguf"
+        row = store.adapter_by_path(adapter_path)
+        trained_for = BUILTINS[label][1] if label in BUILTINS else (row or {}).get("base_sha256")
+        note(f"merging {label} into {src.name} and quantizing to {qtype} (llama.cpp)")
+        start = time.perf_counter()
+        report = merge_adapter(src, adapter_path, dst, qtype, adapter_name=label, base_sha256=trained_for)
+        seconds = time.perf_counter() - start
+        info = describe_model(dst)
+        store.register_model(name, info)
+    if report.survival is None:
+        note("the adapter changes no logits on the probes: nothing to lose")
+    else:
+        note(f"{report.survival:.0%} of the adapter's logit change survives {qtype} "
+             f"(kept in its direction: {report.kept:.0%}; {report.positions} positions)")
+        if report.survival < SURVIVAL_WARN:
+            note(f"warning: most of {label}'s effect is lost in {qtype}; merge to Q8_0 or F16, or run the "
+                 "base with the adapter kept separate")
+    if json_out:
+        print_json({"name": name, **info, "type": qtype, "adapter": label, "base": str(src),
+                    **report.to_dict(), "seconds": round(seconds, 1)})
+    else:
+        print(dst)
+        note(f"registered {name!r} ({info['bytes'] / 1e6:.0f} MB, {seconds:.0f} s); `rpo models use {name}` runs it")
