@@ -7,7 +7,7 @@ Methods:
 - `rpo`: the generic text rewritten by the reflection model (no adapter) with the top-k items;
 - `rpo+adapter`: the same with a GGUF LoRA adapter switched in with `engine.set_adapter`;
 - `rpo+style`, `rpo+adapter+style`: the same steered by the user's style vector, built from their
-  profile and its neutral paraphrases (`rpo_local.style`; paraphrases cached in the cache folder).
+  profile and its rule-made neutral versions (`rpo_local.style`).
 
 Each user's profile goes into a throw-away SQLite store so the real retrieval and the real
 Reflector run. Scoring is LaMP's: ROUGE-1 and ROUGE-L F-measure of Google's `rouge-score`, no
@@ -485,25 +485,18 @@ class _Runner:
             self.engine.set_style(vector, self.config.style_scale, self.config.style_layer_range())
 
     def _style_vector(self, user: lamp.LampUser) -> object:
-        """The user's style vector from their profile texts and their neutral paraphrases (made by
-        the bare base model once, then cached), as `rpo style build` makes it; None when too few
-        texts have a usable paraphrase."""
-        from rpo_local import paths, style
-        from rpo_local.fsutil import atomic_write_text
+        """The user's style vector from their profile texts and their rule-made neutral versions,
+        as `rpo style build` makes it by default; None when too few texts differ from theirs."""
+        from rpo_local import style
         from rpo_local.models import sha256
 
         texts = [t for t in (lamp.item_text(self.task, e).strip() for e in user.profile) if t][-style.MAX_TEXTS:]
-        cache_path = paths.cache_dir() / f"style-paraphrases-{Path(self.engine.model_path).stem}.json"
-        cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
-        known = len(cache)
-        neutrals = style.neutral_versions(self.engine, texts, cache)
-        if len(cache) != known:
-            atomic_write_text(cache_path, json.dumps(cache, ensure_ascii=False))
         start = time.perf_counter()
         if self._torch is None:
             self._torch = style.load_torch(self.engine.model_path)
         try:
-            vector = style.build(*self._torch, list(zip(texts, neutrals, strict=True)), sha256(self.engine.model_path))
+            vector = style.build(*self._torch, [(t, style.plain_version(t)) for t in texts],
+                                 sha256(self.engine.model_path))
         except InputError:
             return None
         self.style_build_s.append(time.perf_counter() - start)

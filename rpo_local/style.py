@@ -139,15 +139,21 @@ def directions(model: Any, tok: Any, pairs: Sequence[tuple[str, str]]) -> np.nda
     return diff.astype(np.float32)
 
 
-def build(model: Any, tok: Any, pairs: Sequence[tuple[str, str]], base_sha256: str,
-          meta: dict[str, str] | None = None) -> StyleVector:
-    """The style vector of `pairs` (own text, neutral version); the unusable pairs are left out."""
+def usable_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The pairs that carry a direction; InputError when fewer than MIN_PAIRS do."""
     kept = [(t, n) for t, n in pairs if usable_pair(t, n)]
     if len(kept) < MIN_PAIRS:
         raise InputError(
             f"{len(kept)} of {len(pairs)} texts have a usable neutral version; a style vector needs at least "
             f"{MIN_PAIRS} (add history: `rpo history add` / `rpo history import`)"
         )
+    return kept
+
+
+def build(model: Any, tok: Any, pairs: Sequence[tuple[str, str]], base_sha256: str,
+          meta: dict[str, str] | None = None) -> StyleVector:
+    """The style vector of `pairs` (own text, neutral version); the unusable pairs are left out."""
+    kept = usable_pairs(pairs)
     return StyleVector(directions(model, tok, kept), base_sha256, len(kept), dict(meta or {}))
 
 
@@ -394,7 +400,7 @@ def build_for_profile(store: Store, profile: str, engine: Engine, *, neutral: st
 
     store.get_profile(profile)
     start = time.perf_counter()
-    pairs = profile_pairs(store, profile, engine, neutral, on_progress)
+    pairs = usable_pairs(profile_pairs(store, profile, engine, neutral, on_progress))  # before torch loads
     paraphrased = time.perf_counter()
     note(f"{len(pairs)} texts; computing hidden states with torch")
     model, tok = load_torch(engine.model_path)
