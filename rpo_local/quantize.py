@@ -144,9 +144,7 @@ def write_merged(base: Path, adapter: Path, out: Path, meta: dict[str, str]) -> 
     """Write `base` with the adapter's change added to each weight it adapts (in F32) to `out`,
     every other tensor and all metadata copied as they are, `meta` (strings) set on top. Returns
     the number of tensors changed. Uses the `gguf` package's reader, writer and dequantizer."""
-    import numpy as np
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, Keys
-    from gguf.quants import dequantize
+    from gguf import GGUFReader, GGUFWriter, Keys
 
     deltas = lora_deltas(adapter)
     try:
@@ -162,8 +160,22 @@ def write_merged(base: Path, adapter: Path, out: Path, meta: dict[str, str]) -> 
             raise ModelError(f"{adapter.name}: {name} is {b.shape[0]}x{a.shape[1]}, {base.name} has "
                              f"{shape[0]}x{shape[-1]}")
 
-    writer = GGUFWriter(str(out), arch=str(reader.get_field(Keys.General.ARCHITECTURE).contents()),
-                        endianess=reader.endianess)
+    arch = reader.get_field(Keys.General.ARCHITECTURE)
+    if arch is None:
+        raise ModelError(f"{base.name} records no architecture: not a model GGUF")
+    writer = GGUFWriter(str(out), arch=str(arch.contents()), endianess=reader.endianess)
+    try:
+        _copy_merged(reader, writer, deltas, meta)
+    finally:
+        writer.close()
+    return len(deltas)
+
+
+def _copy_merged(reader: Any, writer: Any, deltas: dict, meta: dict[str, str]) -> None:
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFValueType, Keys
+    from gguf.quants import dequantize
+
     alignment = reader.get_field(Keys.General.ALIGNMENT)
     if alignment is not None:
         writer.data_alignment = alignment.contents()
@@ -193,8 +205,6 @@ def write_merged(base: Path, adapter: Path, out: Path, meta: dict[str, str]) -> 
             writer.write_tensor_data(w + np.float32(scale) * (b @ a))
         else:
             writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
-    writer.close()
-    return len(deltas)
 
 
 @dataclass
@@ -246,7 +256,9 @@ def survival(base: Path, adapter: Path, merged: Path) -> Survival:
     fmt = str(gguf_metadata(adapter).get("rpo.trajectory") or prompts.DEFAULT_FORMAT)
     llm = _load(base, n_ctx=PROBE_CTX, n_batch=PROBE_CTX, logits_all=True)
     try:
-        template = llm.metadata["tokenizer.chat_template"]
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ModelError(f"{base.name} has no chat template: rpo needs an instruct (chat) model")
         token_lists = [llm.tokenize(prompts.reflection_prompt(template, generic, items, fmt).encode("utf-8"),
                                     add_bos=True, special=True) for generic, items in PROBES]
         plain = np.concatenate([_logits(llm, tokens) for tokens in token_lists])
