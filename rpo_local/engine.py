@@ -38,6 +38,7 @@ class Completion:
 class Engine(Protocol):
     model_path: Path
     adapter_path: Path | None
+    style: StyleVector | None  # set with set_style
     n_ctx: int
     lock: threading.RLock  # held by a caller for a whole multi-step generation
 

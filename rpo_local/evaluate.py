@@ -38,8 +38,9 @@ if TYPE_CHECKING:
     from rpo_local.engine import Engine
     from rpo_local.store import Store
 
-METHODS = ("copy", "base", "context", "rpo", "rpo+adapter", "rpo+style", "rpo+adapter+style")
-REWRITE_METHODS = ("rpo", "rpo+adapter", "rpo+style", "rpo+adapter+style")
+METHODS = ("copy", "base", "context", "rpo", "rpo+adapter")
+STYLE_METHODS = ("rpo+style", "rpo+adapter+style")  # opt-in: torch builds each user's vector
+REWRITE_METHODS = ("rpo", "rpo+adapter", *STYLE_METHODS)
 RPO_INPUTS = ("input", "base")
 PROFILE = "lamp-user"  # the one profile of each throw-away store
 
@@ -296,8 +297,8 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
     for name in (n.strip() for n in names):
         if not name:
             continue
-        if name not in METHODS:
-            raise InputError(f"unknown method {name!r}; use any of {', '.join(METHODS)}")
+        if name not in METHODS + STYLE_METHODS:
+            raise InputError(f"unknown method {name!r}; use any of {', '.join(METHODS + STYLE_METHODS)}")
         if name not in out:
             out.append(name)
     if not out:

@@ -429,3 +429,10 @@ def apply_profile_style(engine: Engine, config: Config, profile: str, *, require
         return None
     engine.set_style(read(path), config.style_scale, config.style_layer_range())
     return path
+
+
+def status(config: Config, profile: str, model_path: Path) -> dict:
+    """What `rpo doctor`, the TUI and the daemon show: on or off, the setting, the newest file."""
+    path = latest_path(profile, model_path)
+    return {"enabled": config.style, "scale": config.style_scale, "layers": config.style_layers,
+            "path": str(path) if path else None}

@@ -235,3 +235,43 @@ def test_rpo_style_build_then_rewrite_with_style(cli, store):
     r = cli("rewrite", "--profile", "ann", "--style", "--no-log", "--json", stdin=b"Thank you for the message.")
     assert r.code == 0, r
     assert json.loads(r.stdout)["rewrite"]
+
+
+def test_eval_style_methods_steer_only_their_own_rewrites(tmp_path, monkeypatch):
+    """rpo+style and rpo+adapter+style run with the user's vector (built from their profile as
+    `rpo style build` does), every other method without it, and the engine ends as it began."""
+    import json
+
+    from fakes import FakeEngine
+
+    from rpo_local import evaluate, lamp, style
+
+    built: list[list[tuple[str, str]]] = []
+    monkeypatch.setattr(style, "load_torch", lambda _path: ("model", "tok"))
+    monkeypatch.setattr(style, "build", lambda _m, _t, pairs, _sha: built.append(pairs) or _vector())
+    monkeypatch.setattr("rpo_local.models.sha256", lambda _path: "ab" * 32)
+    seen: list[tuple[str | None, object]] = []
+
+    class Recording(FakeEngine):
+        def stream(self, prompt, **kwargs):
+            if "Generic reply:" in prompt:
+                seen.append((str(self.adapter_path) if self.adapter_path else None, self.style))
+            return super().stream(prompt, **kwargs)
+
+    row = {"id": "7", "input": "Paraphrase the following tweet without any explanation before or after it: I Am Going To The Beach Today With Friends.",
+           "output": "im here lol", "profile": [{"text": t} for t in SLANGY]}
+    data_file = tmp_path / "lamp.jsonl"
+    data_file.write_text(json.dumps(row) + "\n")
+    engine = Recording()
+    adapter = tmp_path / "a.gguf"
+    adapter.write_bytes(b"GGUF")
+    monkeypatch.setattr(evaluate, "_check_adapter", lambda _e, _p: None)
+    report = evaluate.run_eval(lamp.load(data_file), engine, methods=["copy", "rpo", "rpo+style", "rpo+adapter",
+                                                                       "rpo+adapter+style"], adapter=adapter, k=2)
+    assert built == [[(t, style.plain_version(t)) for t in SLANGY]]  # one vector per user
+    steered = [(a, s is not None) for a, s in seen]
+    expected = [(None, False), (None, True), (str(adapter), False), (str(adapter), True)]
+    assert steered == [call for call in expected for _phase in range(2)]  # trajectory, then answer
+    assert engine.style is None and engine.adapter_path is None
+    assert report.style == "1.0@1-29" and report.settings()["style"] == "1.0@1-29"
+    assert report.summary("rpo+style").fallback_share is not None

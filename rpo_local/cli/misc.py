@@ -96,6 +96,10 @@ def doctor(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
     except RpoError as exc:
         report["problems"].append(exc.message)
     report["retrieval"] = _retrieval(config, name, report)
+    if report.get("model"):
+        from rpo_local.style import status as style_status
+
+        report["style"] = style_status(config, name, model)
     if json_out:
         print_json(report)
     else:
@@ -155,11 +159,19 @@ def _print_report(report: dict) -> None:
         ("last training", report.get("training") or "never"),
         ("auto-training", _auto_training(report.get("auto_training"))),
         ("retrieval", _retrieval_line(report["retrieval"])),
+        ("style vector", _style_line(report.get("style"))),
     ]
     for key, value in lines:
         print(f"{key:>14}: {value}")
     for problem in report["problems"]:
         err(f"problem: {problem}")
+
+
+def _style_line(info: dict | None) -> str | None:
+    if info is None:
+        return None
+    state = f"{'on' if info['enabled'] else 'off'} (scale {info['scale']}, blocks {info['layers']})"
+    return f"{state}, {info['path'] or 'none built (`rpo style build`)'}"
 
 
 def log(

@@ -173,6 +173,7 @@ class Daemon:
             "status": "ok", "version": __version__, "uptime_s": round(time.time() - self.started, 1),
             "profile": self.config.profile, "engine": self.engine.describe(),
             "adapter": self.adapter_label(self.engine.adapter_path),
+            "style": str(self.engine.style.path) if getattr(self.engine, "style", None) is not None else None,
             "upstream": getattr(self.upstream, "name", None), "time_budget_s": self.budget_s,
             "queue": self.worker.queue_status(),
             "requests": {**self.counts, "in_flight": self.in_flight},

@@ -120,6 +120,7 @@ class ReflectionWorker:
 
         def run() -> RewriteResult:
             self.ensure_adapter(profile)
+            self.ensure_style(profile)
             reflector = Reflector(self.store, self.engine, self.config, cancelled=job.cancelled)
             return reflector.rewrite(generic, profile, log=False, on_text=on_text, source="serve", deadline=deadline)
 
@@ -139,6 +140,18 @@ class ReflectionWorker:
             if (Path(want) if want else None) != (Path(have) if have else None):
                 self.engine.set_adapter(want)
                 self.stats["adapter_switches"] += 1
+
+    def ensure_style(self, profile: str) -> None:
+        """Give the engine the profile's newest style vector while `style` is on (none: unsteered);
+        a rebuilt vector is picked up by the next request, without reloading the model."""
+        from rpo_local import style
+
+        want = style.latest_path(profile, self.engine.model_path) if self.config.style else None
+        with self.engine.lock:
+            have = self.engine.style.path if self.engine.style is not None else None
+            if want != have:
+                vector = style.read(want) if want else None
+                self.engine.set_style(vector, self.config.style_scale, self.config.style_layer_range())
 
     def switch_adapter(self, profile: str) -> None:
         """Queue a switch to the profile's (new) adapter: it happens between two requests."""
