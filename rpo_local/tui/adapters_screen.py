@@ -79,7 +79,9 @@ class AdaptersScreen(Screen):
             table.add_row(on, str(a["id"]), a["name"], scope, a["created_at"][:10], figures(a), key=str(a["id"]))
         table.border_title = f"adapters for {profile}"
         hint = "" if adapters else "  (none trained yet: press t)"
-        self.query_one("#active", Static).update(f"in use: {self.pipeline.adapter_name()}{hint}")
+        style = self.pipeline.style_name()
+        style_note = f"  style vector: {style}" if style else ""
+        self.query_one("#active", Static).update(f"in use: {self.pipeline.adapter_name()}{hint}{style_note}")
 
     def selected_id(self) -> int | None:
         table = self.query_one("#adapters", DataTable)

@@ -92,6 +92,19 @@ class ChatPipeline:
 
         if self.reflector is not None:
             self.reflector.engine.set_adapter(resolve_adapter(self.store, self.profile))
+            if self.config.style:  # the profile's own style vector, or none
+                from rpo_local.style import apply_profile_style
+
+                apply_profile_style(self.reflector.engine, self.config, self.profile)
+
+    def style_name(self) -> str | None:
+        """The style vector in use (its file name), "none built" while style is on without one;
+        None while style is off."""
+        if not self.config.style:
+            return None
+        engine = self.reflector.engine if self.reflector is not None else None
+        vector = engine.style if engine is not None else None
+        return vector.path.name if vector is not None and vector.path else "none built (rpo style build)"
 
     # -- profile and conversations --------------------------------------------------------------
 
