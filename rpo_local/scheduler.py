@@ -6,6 +6,11 @@ auto` as a separate, low-priority process, so serving never waits for training. 
 reports `"activated"`, the daemon switches the reflection engine to the profile's new adapter
 between requests.
 
+While `style` is on, the scheduler also rebuilds a profile's style vector (`rpo style build`,
+seconds of work) whenever STYLE_MIN_NEW texts arrived since its last build, before the first
+training and between trainings: never two background jobs at once. The daemon's worker picks
+up the new vector on the next request.
+
 What a run covered and when it started are the database's (`train_runs`), so a restart
 neither retrains on old material nor forgets when the last run was; `scheduler.json` beside
 the database keeps the report and log file of the scheduler's own last run per profile.
@@ -37,6 +42,7 @@ if TYPE_CHECKING:
 
 STATE_FILE = "scheduler.json"
 NICE = 10
+STYLE_MIN_NEW = 5  # new texts that make a style vector worth rebuilding (it costs seconds)
 Switch = Callable[[str], None]
 CommandFactory = Callable[[str], Sequence[str]]
 log = logging.getLogger(__name__)
@@ -45,6 +51,11 @@ log = logging.getLogger(__name__)
 def train_command(profile: str) -> list[str]:
     """The real training verb; prints one JSON object on stdout."""
     return [sys.executable, "-m", "rpo_local", "train", "auto", "--profile", profile, "--json"]
+
+
+def style_command(profile: str) -> list[str]:
+    """The real style-vector verb; prints one JSON object on stdout."""
+    return [sys.executable, "-m", "rpo_local", "style", "build", "--profile", profile, "--json", "--quiet"]
 
 
 def state_path() -> Path:
@@ -110,6 +121,7 @@ class TrainScheduler:
         *,
         switch: Switch | None = None,
         command: CommandFactory = train_command,
+        style: CommandFactory = style_command,
         check_s: float = 60.0,
         state_file: Path | None = None,
         log_dir: Path | None = None,
@@ -119,6 +131,7 @@ class TrainScheduler:
         self.config = config
         self.switch = switch
         self.command = command
+        self.style_command = style
         self.check_s = check_s
         self.state_file = state_file or state_path()
         self.log_dir = log_dir or paths.runs_dir()
@@ -131,6 +144,7 @@ class TrainScheduler:
         self._thread: threading.Thread | None = None
         self._proc: subprocess.Popen | None = None
         self._running: dict | None = None  # the run in progress: profile, started_at, files
+        self._style: tuple[subprocess.Popen, str, int, str] | None = None  # (process, profile, texts, stdout file)
         self._last_check: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -145,14 +159,14 @@ class TrainScheduler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for proc in (self._proc, self._style[0] if self._style else None):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
     def wake(self) -> None:
         """Check now rather than at the next tick (new material arrived)."""
@@ -164,7 +178,7 @@ class TrainScheduler:
                 self.tick()
             except Exception:  # a scheduler bug must never take the daemon down, nor go unseen
                 log.exception("training scheduler failed; it keeps watching")
-            self._wake.wait(1.0 if self._proc is not None else self.check_s)
+            self._wake.wait(1.0 if self._proc is not None or self._style is not None else self.check_s)
             self._wake.clear()
 
     # -- one step -------------------------------------------------------------------------------
@@ -180,10 +194,61 @@ class TrainScheduler:
                 return
             self._finish()
         self._last_check = now()
-        for profile in [p["name"] for p in self.store.list_profiles()]:
+        if self._style is not None and not self._style_finished():
+            return
+        profiles = [p["name"] for p in self.store.list_profiles()]
+        for profile in profiles:
             if self._due(profile):
                 self._launch(profile)
                 return
+        for profile in profiles:
+            if (texts := self._style_due(profile)) is not None:
+                self._launch_style(profile, texts)
+                return
+
+    # -- style vectors --------------------------------------------------------------------------
+
+    def _style_due(self, profile: str) -> int | None:
+        """The profile's text count when its style vector should be (re)built, else None."""
+        from rpo_local.style import MIN_PAIRS
+
+        if not self.config.style:
+            return None
+        texts = self.store.count_items(profile)
+        built = (self.state["profiles"].get(profile) or {}).get("style", {}).get("texts", 0)
+        return texts if texts >= MIN_PAIRS and texts - built >= STYLE_MIN_NEW else None
+
+    def _launch_style(self, profile: str, texts: int) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out_path = self.log_dir / f"style-{file_stem(profile)}.json"
+        cmd, extra = low_priority(self.style_command(profile))
+        try:
+            with open(out_path, "wb") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=os.name == "posix", **extra)
+        except OSError as exc:
+            self._style_done(profile, texts, "failed", f"cannot start {cmd[0]}: {exc.strerror or exc}", None)
+            return
+        self._style = (proc, profile, texts, str(out_path))
+
+    def _style_finished(self) -> bool:
+        """Record the style build once it is over; False while it runs."""
+        assert self._style is not None
+        proc, profile, texts, out_path = self._style
+        if proc.poll() is None:
+            return False
+        self._style = None
+        report = parse_report(Path(out_path).read_text(encoding="utf-8", errors="replace")) or {}
+        ok = proc.returncode == 0 and report.get("path")
+        self._style_done(profile, texts, "built" if ok else "failed",
+                         None if ok else f"exit code {proc.returncode}; see {out_path}", report.get("path"))
+        return True
+
+    def _style_done(self, profile: str, texts: int, status: str, reason: str | None, path: str | None) -> None:
+        """A failed build is recorded like a finished one: the next try waits for STYLE_MIN_NEW more texts."""
+        self.state["profiles"].setdefault(profile, {})["style"] = {
+            "texts": texts, "finished_at": now(), "status": status, "reason": reason, "path": path}
+        self._save()
 
     def _due(self, profile: str) -> bool:
         return training_due(self.store, profile, self.config).due
@@ -267,6 +332,7 @@ class TrainScheduler:
             "interval_ok": due.interval_ok,
             "next_run_earliest": due.next_run_earliest.isoformat() if due.next_run_earliest else None,
             "last_run": entry.get("last_run"),
+            "style": entry.get("style"),
         }
 
     def status(self) -> dict:

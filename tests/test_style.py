@@ -275,3 +275,53 @@ def test_eval_style_methods_steer_only_their_own_rewrites(tmp_path, monkeypatch)
     assert engine.style is None and engine.adapter_path is None
     assert report.style == "1.0@1-29" and report.settings()["style"] == "1.0@1-29"
     assert report.summary("rpo+style").fallback_share is not None
+
+
+def test_the_daemon_rebuilds_a_style_vector_in_the_background_when_new_texts_arrive(store, tmp_path):
+    """With style on, the scheduler runs `rpo style build` (here a stand-in printing its JSON) for a
+    profile with enough texts, never beside a training run, and again only after STYLE_MIN_NEW more."""
+    import sys
+    import time
+
+    from rpo_local import scheduler
+    from rpo_local.config import load_config
+
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "fake_style.py"
+    script.write_text("import json, sys\nopen(sys.argv[1], 'a').write(sys.argv[2] + '\\n')\n"
+                      "print(json.dumps({'path': '/x/v1.cvec.gguf', 'pairs': 5}))\n")
+    config = load_config()
+    config.style = True
+    config.train_min_new_items = 10_000  # no training is due: only style builds run
+    sched = scheduler.TrainScheduler(store, config, command=lambda p: ["false"], persist=False, log_dir=tmp_path,
+                                     style=lambda p: [sys.executable, str(script), str(calls), p])
+
+    def settle() -> None:
+        sched.tick()
+        deadline = time.monotonic() + 60
+        while sched._style is not None:
+            assert time.monotonic() < deadline, "the style build did not finish"
+            time.sleep(0.05)
+            sched.tick()
+
+    for text in SLANGY[:3]:
+        store.add_item("ann", text, kind="chat")
+    settle()
+    assert not calls.exists()  # 3 texts: too few for a vector
+    for text in SLANGY[3:8]:
+        store.add_item("ann", text, kind="chat")
+    settle()
+    assert calls.read_text().split() == ["ann"]
+    assert sched.profile_status("ann")["style"]["status"] == "built"
+    store.add_item("ann", SLANGY[8], kind="chat")
+    settle()
+    assert calls.read_text().split() == ["ann"]  # 1 new text: not yet
+    for text in SLANGY[9:] + ["one more", "and another"]:
+        store.add_item("ann", text, kind="chat")
+    settle()
+    assert calls.read_text().split() == ["ann", "ann"]
+    config.style = False
+    for text in ["a", "b", "c", "d", "e"]:
+        store.add_item("ann", f"style is off {text}", kind="chat")
+    settle()
+    assert calls.read_text().split() == ["ann", "ann"]
