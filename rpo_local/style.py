@@ -112,19 +112,22 @@ def block_means(model: Any, tok: Any, texts: Sequence[str], *, batch_size: int =
     tok.padding_side = "right"
     handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(blocks)]
     out = np.zeros((len(texts), len(blocks), model.config.hidden_size), dtype=np.float32)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of similar length: less padding
     try:
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                batch = tok(list(texts[start : start + batch_size]), return_tensors="pt", padding=True)
+                rows = order[start : start + batch_size]
+                batch = tok([texts[i] for i in rows], return_tensors="pt", padding=True)
                 device = next(model.parameters()).device
                 attention = batch["attention_mask"].to(device)
                 mask = attention.float()
                 mask[:, 0] = 0.0  # the attention sink (see the module docstring)
-                model(input_ids=batch["input_ids"].to(device), attention_mask=attention)
+                # The decoder alone: the LM head (a sixth of SmolLM2's compute) is not needed.
+                model.get_decoder()(input_ids=batch["input_ids"].to(device), attention_mask=attention)
                 counts = mask.sum(dim=1).clamp(min=1.0)[:, None]
                 for layer, hidden in enumerate(captured):
                     mean = (hidden.float() * mask[:, :, None]).sum(dim=1) / counts
-                    out[start : start + len(mean), layer] = mean.cpu().numpy()
+                    out[rows, layer] = mean.cpu().numpy()
     finally:
         for handle in handles:
             handle.remove()

@@ -158,6 +158,25 @@ def _vocab_masks(engine) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.model
+def test_block_means_are_the_blocks_outputs_llama_cpp_steers(model_path):
+    """Block l's output, averaged over a text's tokens but the first, batched and padded, equals
+    transformers' hidden_states[l + 1] of the text alone: the vector's row l is what llama.cpp adds
+    after block l (`build_cvec(cur, il)` at the end of each layer)."""
+    import torch
+
+    from rpo_local import style
+
+    model, tok = style.load_torch(model_path)
+    texts = [SLANGY[0], "Hi there.", SLANGY[1] + " and then some more"]
+    fast = style.block_means(model, tok, texts, batch_size=2)
+    for i, text in enumerate(texts):
+        with torch.inference_mode():
+            states = model(input_ids=tok(text, return_tensors="pt")["input_ids"], output_hidden_states=True).hidden_states
+        for layer in range(len(states) - 2):  # the last entry is after the final norm
+            assert np.allclose(fast[i, layer], states[layer + 1][0, 1:].mean(0).numpy(), atol=1e-4)
+
+
+@pytest.mark.model
 def test_a_strong_style_vector_moves_the_next_token_toward_the_users_writing(real_engine, slangy_vector):
     vector, reversed_vector = slangy_vector
     lower, slang = _vocab_masks(real_engine)
