@@ -116,6 +116,7 @@ def test_style_build_refuses_an_unknown_profile_and_too_few_texts(cli, store, us
     from rpo_local import style
 
     assert cli("style", "build", "--profile", "nobody").code == 5
+    assert cli("style", "build", "--neutral", "magic").code == 3
     for text in ["Plain sentence one.", "Plain sentence two.", "lol ok"]:
         store.add_item("ann", text, kind="chat")
     monkeypatch.setattr(style, "load_torch", lambda _path: (None, None))  # never reached: refused before
