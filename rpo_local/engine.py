@@ -180,7 +180,10 @@ class LlamaEngine:
         self._decoder = GreedyDecoder(self.llm, self.decode_stats)
         self._adapters: dict[Path, object] = {}  # loaded once, kept for hot-swapping
         self.adapter_path: Path | None = None
-        self.adapter_format: str | None = None  # the trajectory format the adapter was trained on
+        # The trajectory format the adapter was trained on; without one, a merged model's own
+        # (`rpo quantize merge` copies the adapter's into the file).
+        self.merged_format: str | None = self.llm.metadata.get("rpo.trajectory")
+        self.adapter_format: str | None = self.merged_format
         self.style: StyleVector | None = None
         self.style_scale, self.style_layers = 1.0, (1, 10_000)
         if adapter_path is not None:
@@ -297,7 +300,7 @@ class LlamaEngine:
                 self.adapter_format = lora_runtime.adapter_meta(self._adapters[path], "rpo.trajectory")
             else:
                 lora_runtime.apply_adapter(self.llm, None, 0.0)
-                self.adapter_format = None
+                self.adapter_format = self.merged_format
             # The KV cache was computed with the old weights: drop it.
             self.llm.reset()
             self.adapter_path = path

@@ -298,7 +298,7 @@ def merge_adapter(base: Path, adapter: Path, dst: Path, qtype: str, *, adapter_n
     from rpo_local.adapters import check_base
     from rpo_local.extras import require
 
-    require("train", "rpo quantize merge", ("gguf",))  # its reader, writer and dequantizer
+    require("quantize", "rpo quantize merge")  # its reader, writer and dequantizer
     _check_target(qtype, dst)
     check_gguf(base)
     check_gguf(adapter)

@@ -177,12 +177,18 @@ def test_a_q8_0_merge_keeps_the_adapters_effect_and_is_registered(cli):
 
 
 @model
-def test_an_f16_merge_keeps_nearly_all_of_it(model_path, tmp_path):
+def test_an_f16_merge_keeps_nearly_all_of_it_and_its_trajectory_format(model_path, tmp_path):
     from rpo_local.adapters import BUILTINS, asset_path
+    from rpo_local.engine import LlamaEngine
 
-    report = merge_adapter(model_path, asset_path(BUILTINS["builtin-lamp7"][0]), tmp_path / "m.gguf", "F16")
+    adapter = asset_path(BUILTINS["builtin-lamp7-answer"][0])
+    report = merge_adapter(model_path, adapter, tmp_path / "m.gguf", "F16")
     assert report.survival > 0.9 and abs(report.kept - 1) < 0.05, report
     assert file_type(tmp_path / "m.gguf") == 1  # LLAMA_FTYPE_MOSTLY_F16
+    # The merged model is prompted in its adapter's format (answer only), not the default one.
+    engine = LlamaEngine(tmp_path / "m.gguf", n_ctx=256)
+    engine.set_adapter(None)
+    assert engine.adapter_format == "answer"
 
 
 @model

