@@ -345,3 +345,29 @@ def test_the_daemon_rebuilds_a_style_vector_in_the_background_when_new_texts_arr
         store.add_item("ann", f"style is off {text}", kind="chat")
     settle()
     assert calls.read_text().split() == ["ann", "ann"]
+
+
+def test_paraphrased_neutral_versions_are_made_once_and_shared_with_the_training_cache(store):
+    """`--neutral paraphrase`: the bare base model paraphrases each text once (adapter and style off
+    meanwhile, restored after); the SFT data builder's cache file holds them for the next build."""
+    import json
+
+    from fakes import FakeEngine
+
+    from rpo_local import style
+
+    engine = FakeEngine(lambda prompt: "A Plain Version.")
+    engine.adapter_path = Path("some.lora.gguf")
+    engine.set_style("vector", 0.5, (2, 3))
+    seen: list[tuple] = []
+    stream = engine.stream
+    engine.stream = lambda prompt, **kw: seen.append((engine.adapter_path, engine.style)) or stream(prompt, **kw)
+    for text in SLANGY[:5]:
+        store.add_item("ann", text, kind="chat")
+    pairs = style.profile_pairs(store, "ann", engine, "paraphrase")
+    assert [n for _, n in pairs] == ["A Plain Version."] * 5 and len(seen) == 5
+    assert set(seen) == {(None, None)}  # the bare base model
+    assert (engine.adapter_path, engine.style, engine.style_scale) == (Path("some.lora.gguf"), "vector", 0.5)
+    assert len(json.loads(style.paraphrase_cache_path("ann").read_text())) == 5
+    style.profile_pairs(store, "ann", engine, "paraphrase")
+    assert len(seen) == 5  # all from the cache
