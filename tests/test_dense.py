@@ -77,6 +77,55 @@ def test_rrf_adds_reciprocal_ranks():
     assert retrieve_mod._fuse([[], [4, 2]], 5) == [4, 2]
 
 
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    vectors = rng.standard_normal((n, embed.DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_hnsw_finds_planted_neighbours_and_ranks_as_exact_search():
+    rng = np.random.default_rng(0)  # 300 topics of 10 items each, as real texts cluster
+    matrix = np.repeat(_unit(rng, 300), 10, axis=0) + 0.5 * _unit(rng, 3000)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    ids = np.arange(10, 3010, dtype=np.int64)
+    exact = retrieve_mod.DenseIndex((0, 0), ids, matrix, None)
+    approx = retrieve_mod.DenseIndex((0, 0), ids, matrix, None)
+    approx.build()
+    planted = rng.choice(len(ids), 50, replace=False)
+    for row in planted:  # a query near one item, as a text is near the items that share its topic
+        query = matrix[row] + 0.05 * _unit(rng, 1)[0]
+        query /= np.linalg.norm(query)
+        assert approx.top(query, 4)[0] == ids[row]
+        assert approx.top(query, 4) == exact.top(query, 4)
+    twin = matrix[planted[0]]  # exact ties among the candidates still go to the newer item
+    tied = retrieve_mod.DenseIndex((0, 0), np.append(ids, 5000), np.vstack([matrix, twin]), None)
+    tied.build()
+    assert tied.top(twin, 2) == [5000, int(ids[planted[0]])]
+
+
+def test_hnsw_graph_is_built_in_the_background_then_kept_up_to_date(store, topics, monkeypatch):
+    monkeypatch.setattr(retrieve_mod, "APPROX_FROM", 200)
+    monkeypatch.setattr(retrieve_mod, "BUILD_AFTER", 2)
+    rng = np.random.default_rng(1)
+    ids = store.add_items("ann", [{"text": f"note {i}"} for i in range(300)])
+    vectors = _unit(rng, 300)
+    store.put_embeddings(topics.model_id, zip(ids, embed._blobs(vectors), strict=True))
+    pid = store.get_profile("ann").id
+    index = retrieve_mod._dense_index(store, pid, "ann")
+    assert index.top(vectors[7], 1) == [ids[7]] and not index.building  # exact, one search only
+    index.top(vectors[7], 1)
+    deadline = time.monotonic() + 30
+    while index.graph is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert index.graph is not None and index.top(vectors[7], 1) == [ids[7]]
+    new_id = store.add_item("ann", "planted")
+    planted = _unit(rng, 1)
+    store.put_embeddings(topics.model_id, zip([new_id], embed._blobs(planted), strict=True))
+    store.forget_item(ids[7])
+    again = retrieve_mod._dense_index(store, pid, "ann")
+    assert again is not index and again.graph is not None  # updated, not rebuilt
+    assert again.top(planted[0], 1) == [new_id] and ids[7] not in again.top(vectors[7], 4)
+
+
 def test_unknown_retriever_is_refused(store):
     from rpo_local.errors import InputError
 
