@@ -43,9 +43,11 @@ class Config:
     piece_words: int | None = None
     # The profile's style vector (rpo_local.style, `rpo style build`) steers the rewrite next to
     # the adapter: style_scale x its direction added after blocks style_layers ("A-B", inclusive).
+    # Scale and blocks chosen on the tuning users (bench/bench_style.py; 0.1 on every block
+    # already garbles SmolLM2); off by default: it did not beat its absence (README).
     style: bool = False
-    style_scale: float = 1.0
-    style_layers: str = "1-29"
+    style_scale: float = 0.05
+    style_layers: str = "6-18"
     temperature: float = 0.0
     seed: int = 0
     n_ctx: int = 2048

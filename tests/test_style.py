@@ -293,7 +293,7 @@ def test_eval_style_methods_steer_only_their_own_rewrites(tmp_path, monkeypatch)
     expected = [(None, False), (None, True), (str(adapter), False), (str(adapter), True)]
     assert steered == [call for call in expected for _phase in range(2)]  # trajectory, then answer
     assert engine.style is None and engine.adapter_path is None
-    assert report.style == "1.0@1-29" and report.settings()["style"] == "1.0@1-29"
+    assert report.style == "0.05@6-18" and report.settings()["style"] == "0.05@6-18"
     assert report.summary("rpo+style").fallback_share is not None
 
 
