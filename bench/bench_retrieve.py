@@ -7,11 +7,14 @@
   and the mean cosine between the two vectors of a text.
 - Retrieval latency p50/p95 over synthetic histories of 10k and 100k items (tweets of users
   100-1045 cycled, random unit vectors as their embeddings): `retrieve()` end to end for bm25,
-  dense and hybrid (query embedding included), the matrix search alone, and the time to load a
-  profile's matrix from SQLite (once per change).
+  dense and hybrid (query embedding included; hybrid also with the text's vector cached), the
+  exact and the HNSW search alone, the time to load a profile's matrix from SQLite (once per
+  change) and to build its HNSW graph, and the graph's recall@k against exact search.
+- Recall@k of the HNSW graph on real-ish vectors: mixtures of two embedded LaMP-7 tweets (users
+  100-1045) plus noise, queried with the tuning users' inputs.
 
 Texts are read from ../shared/data/lamp7/ at run time and never printed or copied; users 0-99
-(evaluation) are not used. Run: nice -n 19 .venv/bin/python bench/bench_retrieve.py [--lamp FILE]
+(evaluation) are not used. Run: nice -n 19 .venv/bin/python bench/bench_retrieve.py [--lamp FILE] [--latency-only]
 """
 
 from __future__ import annotations
@@ -60,11 +63,28 @@ def agreement(fp32, int8, users, k: int) -> dict:
             "mean_cosine": round(statistics.mean(cosines), 4)}
 
 
+def timed(fn, runs: int) -> dict:
+    samples = []
+    for i in range(runs):
+        t = time.perf_counter()
+        fn(i)
+        samples.append(time.perf_counter() - t)
+    return percentiles(samples)
+
+
+def recall(index, queries, k: int) -> float:
+    """Share of exact search's top k that the HNSW graph's search returns too."""
+    graph, index.graph = index.graph, None
+    exact = [set(index.top(q, k)) for q in queries]
+    index.graph = graph
+    return round(statistics.mean(len(set(index.top(q, k)) & e) / k for q, e in zip(queries, exact, strict=True)), 3)
+
+
 def latency(pool: list[str], queries: list[str], size: int, embedder, k: int, runs: int) -> dict:
     import numpy as np
 
     from rpo_local import embed
-    from rpo_local.retrieve import _dense_index, retrieve
+    from rpo_local.retrieve import APPROX_FROM, _dense_index, _query_vector, retrieve
     from rpo_local.store import Store
 
     rng = np.random.default_rng(0)
@@ -79,27 +99,50 @@ def latency(pool: list[str], queries: list[str], size: int, embedder, k: int, ru
         index = _dense_index(store, pid, "bench")
         load_s = time.perf_counter() - t
         out: dict = {"items": size, "k": k, "index_load_ms": round(load_s * 1000, 1)}
+        index.building = True  # no background build: the bench builds the graph itself, timed
         qvecs = embedder.encode(queries)
-        samples = []
-        for i in range(runs):
+        out["exact_search_only"] = timed(lambda i: index.top(qvecs[i % len(qvecs)], k), runs)
+        if size >= APPROX_FROM:
             t = time.perf_counter()
-            index.top(qvecs[i % len(qvecs)], k)
-            samples.append(time.perf_counter() - t)
-        out["dense_search_only"] = percentiles(samples)
-        samples = []
-        for i in range(runs):
-            t = time.perf_counter()
-            embedder.encode([queries[i % len(queries)]])
-            samples.append(time.perf_counter() - t)
-        out["query_embedding"] = percentiles(samples)
+            index.build()
+            out["hnsw_build_s"] = round(time.perf_counter() - t, 1)
+            out["hnsw_search_only"] = timed(lambda i: index.top(qvecs[i % len(qvecs)], k), runs)
+            out["hnsw_recall_at_k_random_vectors"] = recall(index, qvecs, k)
+        out["query_embedding"] = timed(lambda i: embedder.encode([queries[i % len(queries)]]), runs)
+
+        def fresh(retriever: str):  # the query's embedding included: no cached vector
+            return lambda i: (_query_vector.cache_clear(), retrieve(store, "bench", queries[i % len(queries)], k, retriever))
+
         for retriever in ("bm25", "dense", "hybrid"):
-            samples = []
-            for i in range(runs):
-                t = time.perf_counter()
-                retrieve(store, "bench", queries[i % len(queries)], k, retriever)
-                samples.append(time.perf_counter() - t)
-            out[retriever] = percentiles(samples)
+            out[retriever] = timed(fresh(retriever), runs)
+        samples = []
+        for i in range(runs):  # hybrid after dense on the same text: its vector is cached
+            retrieve(store, "bench", queries[i % len(queries)], k, "dense")
+            t = time.perf_counter()
+            retrieve(store, "bench", queries[i % len(queries)], k, "hybrid")
+            samples.append(time.perf_counter() - t)
+        out["hybrid_after_dense_same_text"] = percentiles(samples)
     return out
+
+
+def realish_recall(pool: list[str], queries: list[str], size: int, embedder, k: int, texts: int) -> dict:
+    """Recall of the HNSW graph on vectors with real texts' structure: `size` mixtures of two of
+    `texts` embedded tweets plus noise (random vectors have no neighbourhoods to find)."""
+    import numpy as np
+
+    from rpo_local.retrieve import DenseIndex
+
+    rng = np.random.default_rng(0)
+    real = embedder.encode(pool[:texts])
+    pairs = rng.integers(0, texts, (size, 2))
+    noise = rng.standard_normal((size, real.shape[1])).astype(np.float32) * 0.02
+    matrix = real[pairs[:, 0]] + 0.5 * real[pairs[:, 1]] + noise
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    index = DenseIndex((0, 0), np.arange(size, dtype=np.int64), matrix.astype(np.float32), embedder, building=True)
+    t = time.perf_counter()
+    index.build()
+    return {"items": size, "texts": texts, "k": k, "hnsw_build_s": round(time.perf_counter() - t, 1),
+            "hnsw_recall_at_k": recall(index, embedder.encode(queries), k)}
 
 
 def main() -> None:
@@ -111,6 +154,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=200, help="queries per latency figure")
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    ap.add_argument("--latency-only", action="store_true", help="skip throughput and int8 agreement")
+    ap.add_argument("--realish", type=int, default=3000, help="tweets embedded for the real-ish recall (0: skip)")
     args = ap.parse_args()
     os.environ.setdefault("RPO_HOME", tempfile.mkdtemp(prefix="rpo-bench-"))  # keep the user's cache
 
@@ -123,17 +168,21 @@ def main() -> None:
     embed.export()
     export_s = time.perf_counter() - t
     fp32 = embed.Embedder("fp32", threads=args.threads)
-    int8 = embed.Embedder("int8", threads=args.threads)
-    texts = pool[: args.texts]
-    report = {
+    report: dict = {
         "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "provider": fp32.provider,
                     "threads": args.threads or "default"},
         "export_s": round(export_s, 1),
-        "texts_per_s": {"fp32": throughput(fp32, texts), "int8": throughput(int8, texts)},
-        "int8_vs_fp32": agreement(fp32, int8, users[TUNE], args.k),
-        "latency": [latency(pool, queries, int(n), embed.get_embedder(), args.k, args.runs)
-                    for n in args.sizes.split(",")],
     }
+    if not args.latency_only:
+        int8 = embed.Embedder("int8", threads=args.threads)
+        texts = pool[: args.texts]
+        report["texts_per_s"] = {"fp32": throughput(fp32, texts), "int8": throughput(int8, texts)}
+        report["int8_vs_fp32"] = agreement(fp32, int8, users[TUNE], args.k)
+    sizes = [int(n) for n in args.sizes.split(",")]
+    report["latency"] = [latency(pool, queries, n, embed.get_embedder(), args.k, args.runs) for n in sizes]
+    if args.realish:
+        report["realish"] = realish_recall(pool, queries, max(sizes), embed.get_embedder(), args.k, args.realish)
+    report["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(report, indent=1))
 
 

@@ -41,7 +41,7 @@ CANDIDATES = 50  # per ranking fused by hybrid (at least 10 x k)
 APPROX_FROM = 20_000
 BUILD_AFTER = 3
 ANN_CANDIDATES = 64
-ANN_EF = 128
+ANN_EF = 256
 BM25_ROWS = 2000  # matching rows that bm25() scores, about (see _bm25)
 
 

@@ -69,3 +69,14 @@ def test_one_leaf_module_defines_words():
     assert out.strip() == "[]"
     copies = [p.name for p in package.rglob("*.py") if p != Path(text.__file__) and text.WORD.pattern in p.read_text()]
     assert copies == []
+
+
+def test_a_large_history_leaves_out_its_commonest_query_words(store, monkeypatch):
+    from rpo_local import retrieve as retrieve_mod
+
+    monkeypatch.setattr(retrieve_mod, "BM25_ROWS", 3)  # a large history, in small
+    store.add_items("ann", [{"text": f"coffee again {i}", "created_at": f"2020-01-0{i}"} for i in range(1, 6)]
+                    + [{"text": "tea with lemon", "created_at": "2019-01-01"}])
+    hits = retrieve(store, "ann", "coffee with lemon", k=2)  # "coffee" (5 items) is left out
+    assert hits[0]["text"] == "tea with lemon" and hits[0]["score"] is not None and hits[1]["score"] is None
+    assert all(h["score"] is not None for h in retrieve(store, "ann", "coffee", k=2))  # the rarest stays
