@@ -4,11 +4,14 @@ and register the result."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rpo_local.cli._common import JsonOpt, note, open_store, print_json
+
+if TYPE_CHECKING:
+    from rpo_local.store import Store
 
 app = typer.Typer(help="Re-quantize GGUF models, or merge an adapter into one, with llama.cpp's quantizer.", no_args_is_help=True)
 
@@ -24,19 +27,12 @@ def model(
 ) -> None:
     """Write a re-quantized copy of a model and register it (only once llama.cpp loads it);
     the path goes to stdout. `rpo models use NAME` then runs it."""
-    from rpo_local import paths
-    from rpo_local.errors import InputError
-    from rpo_local.models import check_model_name, describe_model, looks_like_path, resolve_model_path
+    from rpo_local.models import describe_model, resolve_model_path
     from rpo_local.quantize import quantize_model
 
     with open_store() as store:
         src = resolve_model_path(ref, store)
-        base = src.name.removesuffix(".gguf").lower() if looks_like_path(ref) else ref
-        name = name or f"{base}-{qtype.lower()}"
-        check_model_name(name)  # it also names the file: no '/' or '..'
-        if store.has_model(name):
-            raise InputError(f"a model named {name!r} exists; choose another with --name")
-        dst = out or paths.models_dir() / f"{name}.gguf"
+        name, dst = _destination(store, ref, src, qtype.lower(), name, out)
         note(f"quantizing {src.name} to {qtype} (llama.cpp)")
         quantize_model(src, dst, qtype, allow_requantize=allow_requantize)
         info = describe_model(dst)
@@ -62,11 +58,10 @@ def merge(
     adapter's effect on the logits survives the type, and warns when most is lost."""
     import time
 
-    from rpo_local import paths
     from rpo_local.adapters import BUILTINS, adapter_from_ref, adapter_label
     from rpo_local.config import load_config
     from rpo_local.errors import InputError
-    from rpo_local.models import EMBEDDED_NAME, check_model_name, describe_model, looks_like_path, resolve_model_path
+    from rpo_local.models import EMBEDDED_NAME, describe_model, resolve_model_path
     from rpo_local.quantize import SURVIVAL_WARN, merge_adapter
 
     with open_store() as store:
@@ -76,12 +71,8 @@ def merge(
         if adapter_path is None:
             raise InputError("--adapter none: there is nothing to merge")
         label = adapter_label(store, adapter_path) or adapter_path.name
-        base = src.name.removesuffix(".gguf").lower() if looks_like_path(ref) else ref
-        name = name or f"{base}-{label.removesuffix('.gguf').removesuffix('.lora')}-{qtype.lower()}"
-        check_model_name(name)  # it also names the file: no '/' or '..'
-        if store.has_model(name):
-            raise InputError(f"a model named {name!r} exists; choose another with --name")
-        dst = out or paths.models_dir() / f"{name}.gguf"
+        suffix = f"{label.removesuffix('.gguf').removesuffix('.lora')}-{qtype.lower()}"
+        name, dst = _destination(store, ref, src, suffix, name, out)
         row = store.adapter_by_path(adapter_path)
         trained_for = BUILTINS[label][1] if label in BUILTINS else (row or {}).get("base_sha256")
         note(f"merging {label} into {src.name} and quantizing to {qtype} (llama.cpp)")
@@ -104,3 +95,18 @@ def merge(
     else:
         print(dst)
         note(f"registered {name!r} ({info['bytes'] / 1e6:.0f} MB, {seconds:.0f} s); `rpo models use {name}` runs it")
+
+
+def _destination(store: Store, ref: str, src: Path, suffix: str, name: str | None, out: Path | None) -> tuple[str, Path]:
+    """The new model's name (default: the source's name, then `suffix`) and file; a name that
+    would leave the models folder or is taken is refused."""
+    from rpo_local import paths
+    from rpo_local.errors import InputError
+    from rpo_local.models import check_model_name, looks_like_path
+
+    base = src.name.removesuffix(".gguf").lower() if looks_like_path(ref) else ref
+    name = name or f"{base}-{suffix}"
+    check_model_name(name)  # it also names the file: no '/' or '..'
+    if store.has_model(name):
+        raise InputError(f"a model named {name!r} exists; choose another with --name")
+    return name, out or paths.models_dir() / f"{name}.gguf"
