@@ -39,7 +39,7 @@ def test_busy_port_is_a_clear_error(cli):
 
 def test_help_names_the_time_limits_and_their_settings(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
-    out = cli("serve", "--help").stdout
+    out = " ".join(cli("serve", "--help").stdout.split())  # however the help is wrapped
     assert "--upstream-timeout" in out and "upstream_timeout_s; default 120" in out
     assert "--timeout" in out and "rewrite_timeout_s; default 30" in out
     assert "--max-queued" in out and "max_queued_requests; default 32" in out
