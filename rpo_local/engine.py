@@ -115,7 +115,6 @@ def quiet_llama_logs() -> None:
     global _LOG_CALLBACK
     if _LOG_CALLBACK is not None:
         return
-    import ctypes
     import sys
 
     import llama_cpp
