@@ -26,9 +26,10 @@ class Config:
     # name or a GGUF path; empty: the reflection model itself, without its adapter.
     upstream_local_model: str = ""
     k: int = 4  # profile items retrieved per rewrite
-    # bm25, dense or hybrid (rpo_local.retrieve); dense and hybrid need the [retrieval] extra
-    # and `rpo history embed`, and fall back to bm25 without them.
-    retriever: str = "bm25"
+    # auto, bm25, dense or hybrid (rpo_local.retrieve); dense and hybrid need the [retrieval]
+    # extra and `rpo history embed`, and fall back to bm25 without them; auto: dense where it can
+    # run, else bm25 (chosen on the tuning users: README "Retrieval").
+    retriever: str = "auto"
     trajectory_tokens: int = 96  # budget for the style/diff/edits sections
     # The trajectory format (prompts.FORMATS); "auto": the one the active adapter was trained on.
     trajectory: str = "auto"

@@ -1,6 +1,9 @@
 """Retrieval: the profile items most relevant to the text being rewritten.
 
-Three retrievers (config key `retriever`):
+Retrievers (config key `retriever`):
+- `auto` (the default): `dense` where it can run (the [retrieval] extra installed, the model
+  exported, the profile embedded), else `bm25`, without a note: dense found better context for the
+  shipped adapter on the tuning users (README "Retrieval").
 - `bm25`: BM25 over the FTS5 index, with a query built from the text's content words (as
   LaMP's BM25 retriever does), the commonest left out in a large history.
 - `dense`: cosine similarity of all-MiniLM-L6-v2 embeddings (rpo_local.embed), so items written
@@ -10,9 +13,9 @@ Three retrievers (config key `retriever`):
   background and then ranks the graph's candidates exactly.
 - `hybrid`: reciprocal-rank fusion of the two rankings.
 
-Recency breaks ties and fills in when nothing matches. A history without embeddings (the
-[retrieval] extra not installed, the model not exported, items not embedded yet) retrieves with
-BM25 and says so once per process on stderr. The SQL is the store's.
+Recency breaks ties and fills in when nothing matches. With `dense` or `hybrid` asked for, a
+history without embeddings (the [retrieval] extra not installed, the model not exported, items
+not embedded yet) retrieves with BM25 and says so once per process on stderr. The SQL is the store's.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
 
     from rpo_local.store import Store
 
-RETRIEVERS = ("bm25", "dense", "hybrid")
+RETRIEVERS = ("auto", "bm25", "dense", "hybrid")
 RRF_K = 60  # the usual reciprocal-rank-fusion constant (Cormack et al. 2009)
 CANDIDATES = 50  # per ranking fused by hybrid (at least 10 x k)
 # Dense search is exact below APPROX_FROM items (~1-3 ms at 10-20k); above it an HNSW graph
@@ -52,17 +55,26 @@ def retrieve(store: Store, profile: str, text: str, k: int = 4, retriever: str =
     if k <= 0:
         return []
     pid = store.get_profile(profile).id
-    index = _dense_index(store, pid, profile) if retriever != "bm25" else None
+    index = _dense_index(store, pid, profile, quiet=retriever == "auto") if retriever != "bm25" else None
     if index is None:
         hits = _bm25(store, pid, text, k)
-    elif retriever == "dense":
-        hits = _by_ids(store, index.search(text, k))
-    else:
+    elif retriever == "hybrid":
         n = max(CANDIDATES, 10 * k)
         hits = _by_ids(store, _fuse([[h["id"] for h in _bm25(store, pid, text, n)], index.search(text, n)], k))
+    else:
+        hits = _by_ids(store, index.search(text, k))
     if len(hits) < k:
         hits += store.recent_items(pid, k - len(hits), exclude=[h["id"] for h in hits])
     return hits
+
+
+def resolved(retriever: str) -> str:
+    """The retriever `auto` stands for on this machine (eval reports the one it used)."""
+    if retriever != "auto":
+        return retriever
+    from rpo_local import embed
+
+    return "dense" if embed.problem() is None else "bm25"
 
 
 def _bm25(store: Store, pid: int, text: str, limit: int) -> list[dict]:
@@ -169,13 +181,14 @@ _indexes: weakref.WeakKeyDictionary[Store, dict[int, DenseIndex]] = weakref.Weak
 _said: set[str] = set()
 
 
-def _dense_index(store: Store, pid: int, profile: str) -> DenseIndex | None:
+def _dense_index(store: Store, pid: int, profile: str, quiet: bool = False) -> DenseIndex | None:
     """The profile's index, loaded (or reloaded after a change) from the store; None, said once
-    on stderr, when there is nothing to search with."""
+    on stderr unless `quiet`, when there is nothing to search with."""
     from rpo_local import embed
 
+    say = (lambda _message: None) if quiet else _say_once
     if reason := embed.problem():
-        _say_once(f"{reason}; retrieving with BM25")
+        say(f"{reason}; retrieving with BM25")
         return None
     embedder = embed.get_embedder()
     cached = _indexes.setdefault(store, {})
@@ -188,7 +201,7 @@ def _dense_index(store: Store, pid: int, profile: str) -> DenseIndex | None:
         cached[pid] = index
         if missing := store.count_embedding_todo(pid, embedder.model_id):
             what = "has no embeddings yet" if not len(index.ids) else f"has {missing} item(s) without an embedding"
-            _say_once(f"profile {profile!r} {what} (`rpo history embed --profile {profile}`)"
+            say(f"profile {profile!r} {what} (`rpo history embed --profile {profile}`)"
                       + ("; retrieving with BM25" if not len(index.ids) else ""))
     return index if len(index.ids) else None
 

@@ -138,7 +138,7 @@ def test_retriever_config_key_is_checked(rpo_home):
     from rpo_local.config import load_config, set_value
     from rpo_local.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="must be one of bm25, dense, hybrid"):
+    with pytest.raises(ConfigError, match="must be one of auto, bm25, dense, hybrid"):
         set_value("retriever", "cosine")
     set_value("retriever", "hybrid")
     assert load_config().retriever == "hybrid"
@@ -160,6 +160,18 @@ def test_no_exported_model_falls_back_to_bm25_and_says_so_once(store, said, monk
     assert _texts(retrieve(store, "ann", REPLY, 3, "hybrid")) == bm25
     err = capsys.readouterr().err
     assert err.count("not exported yet") == 1 and "retrieving with BM25" in err
+
+
+def test_auto_is_dense_where_it_can_run_else_bm25_without_a_note(store, topics, monkeypatch, capsys):
+    _history(store)
+    bm25 = _texts(retrieve(store, "ann", REPLY, 2, "bm25"))
+    assert _texts(retrieve(store, "ann", REPLY, 2, "auto")) == bm25  # no embeddings yet
+    embed.embed_missing(store, "ann", topics)
+    assert _texts(retrieve(store, "ann", REPLY, 2, "auto")) == [TRAVEL[1][0], TRAVEL[0][0]]
+    monkeypatch.setattr(embed, "problem", lambda directory=None: "the embedding model is not exported yet")
+    assert _texts(retrieve(store, "ann", REPLY, 2, "auto")) == bm25
+    assert retrieve_mod.resolved("auto") == "bm25" and retrieve_mod.resolved("hybrid") == "hybrid"
+    assert capsys.readouterr().err == ""
 
 
 def test_profile_without_embeddings_falls_back_then_uses_them(store, topics, capsys):
@@ -293,8 +305,10 @@ def test_daemon_backfill_embeds_items_other_processes_added(store, topics):
     assert retrieve(store, "bob", REPLY, 1, "dense")[0]["text"].startswith("Booking")
 
 
-@pytest.mark.parametrize(("retriever", "found"), [("bm25", "coffee first"), ("dense", "our hotel by the sea")])
-def test_eval_retrieves_with_the_configured_retriever(tmp_path, topics, retriever, found):
+@pytest.mark.parametrize(("retriever", "used", "found"), [
+    ("bm25", "bm25", "coffee first"), ("dense", "dense", "our hotel by the sea"), ("auto", "dense", "our hotel by the sea"),
+])
+def test_eval_retrieves_with_the_configured_retriever(tmp_path, topics, retriever, used, found):
     import json
 
     from fakes import FakeEngine
@@ -312,8 +326,8 @@ def test_eval_retrieves_with_the_configured_retriever(tmp_path, topics, retrieve
     stream = engine.stream
     engine.stream = lambda prompt, **kw: (prompts.append(prompt), stream(prompt, **kw))[1]
     report = evaluate.run_eval(lamp.load(path), engine, methods=["context"], k=1, config=Config(retriever=retriever))
-    assert report.retriever == retriever and report.to_dict()["retriever"] == retriever
-    assert ("retriever" in report.settings()) == (retriever != "bm25")  # old checkpoints still match bm25 runs
+    assert report.retriever == used and report.to_dict()["retriever"] == used  # auto: the one it stood for
+    assert ("retriever" in report.settings()) == (used != "bm25")  # old checkpoints still match bm25 runs
     assert found in prompts[0] and len([t for t in ("hotel", "coffee") if t in prompts[0]]) == 1
 
 

@@ -47,7 +47,7 @@ def _valid_retriever(value: str | None) -> str | None:
 RetrieverOpt = Annotated[
     str | None,
     typer.Option("--retriever", callback=_valid_retriever,
-                 help="bm25, dense or hybrid (dense and hybrid need `rpo history embed`) [default: configured]"),
+                 help="auto, bm25, dense or hybrid (dense and hybrid need `rpo history embed`; auto: dense where it can run) [default: configured]"),
 ]
 
 

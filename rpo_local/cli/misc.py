@@ -125,7 +125,7 @@ def _retrieval(config: Config, profile: str, report: dict) -> dict:
                     info["not_embedded"] = store.count_embedding_todo(pid, embedder.model_id)
         except RpoError as exc:
             info["problem"] = exc.message
-    if config.retriever != "bm25" and info["problem"]:
+    if config.retriever in ("dense", "hybrid") and info["problem"]:
         report["problems"].append(f"retriever {config.retriever!r} falls back to BM25: {info['problem']}")
     return info
 
