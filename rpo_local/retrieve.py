@@ -202,7 +202,7 @@ def _dense_index(store: Store, pid: int, profile: str, quiet: bool = False) -> D
         if missing := store.count_embedding_todo(pid, embedder.model_id):
             what = "has no embeddings yet" if not len(index.ids) else f"has {missing} item(s) without an embedding"
             say(f"profile {profile!r} {what} (`rpo history embed --profile {profile}`)"
-                      + ("; retrieving with BM25" if not len(index.ids) else ""))
+                + ("; retrieving with BM25" if not len(index.ids) else ""))
     return index if len(index.ids) else None
 
 
