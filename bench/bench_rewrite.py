@@ -59,7 +59,8 @@ def raw_llama(engine):
     llm = llama_cpp.Llama(
         model_path=str(engine.model_path), n_ctx=engine.n_ctx, n_batch=own.n_batch,
         n_ubatch=own.context_params.n_ubatch, n_threads=own.context_params.n_threads,
-        n_threads_batch=own.context_params.n_threads_batch, verbose=False,
+        n_threads_batch=own.context_params.n_threads_batch, n_gpu_layers=own.model_params.n_gpu_layers,
+        verbose=False,
     )
     if engine.adapter_path:
         lora_runtime.apply_adapter(llm, lora_runtime.load_adapter(llm, engine.adapter_path), 1.0)

@@ -50,14 +50,14 @@ def configured_model_path() -> Path:
 def builtins_for(model_path: Path | None = None) -> list[tuple[str, Path]]:
     """(name, file) of each shipped adapter for `model_path` (default: the configured
     reflection model), its default first."""
-    from rpo_local.models import sha256
+    from rpo_local.models import base_digests
 
     model_path = model_path or configured_model_path()
     if not Path(model_path).is_file():  # a fake engine's model, or a file gone since
         return []
-    digest = sha256(model_path)
+    digests = base_digests(model_path)
     return [(name, asset_path(file)) for name, (file, base) in BUILTINS.items()
-            if base == digest and asset_path(file).is_file()]
+            if base in digests and asset_path(file).is_file()]
 
 
 def builtin_for(model_path: Path | None = None) -> tuple[str, Path] | None:
@@ -115,10 +115,11 @@ def resolve_adapter(store: Store | None, profile: str, model_path: Path | None =
 
 
 def check_base(adapter_name: str, base_sha256: str | None, model_path: Path) -> None:
-    """Refuse an adapter trained for another base model than `model_path`."""
-    from rpo_local.models import sha256
+    """Refuse an adapter trained for another base model than `model_path` (or than the file
+    `model_path` was re-quantized from)."""
+    from rpo_local.models import base_digests, sha256
 
-    if base_sha256 and base_sha256 != sha256(model_path):
+    if base_sha256 and base_sha256 not in base_digests(model_path):
         raise AdapterMismatch(
             f"adapter {adapter_name!r} was trained for another base model (sha256 {base_sha256[:12]}…), "
             f"not {model_path.name} ({sha256(model_path)[:12]}…); `rpo models use` its base, or train one "

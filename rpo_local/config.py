@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from rpo_local import names, paths
+from rpo_local import devices, names, paths
 from rpo_local.errors import ConfigError
 from rpo_local.retrieve import RETRIEVERS
 
@@ -53,6 +53,13 @@ class Config:
     seed: int = 0
     n_ctx: int = 2048
     n_threads: int = 0  # 0: every CPU up to 4, else half of them (engine.default_threads)
+    # Layers llama.cpp runs on the GPU (rpo_local.devices): auto (all where the build has CUDA or
+    # Metal, none on a CPU build), all, none, or N (llama.cpp's n_gpu_layers: the output layer,
+    # then blocks from the top). all or N without a usable GPU, or a GPU the model does not fit,
+    # is an error (exit 14) unless cpu_fallback allows the CPU.
+    gpu_layers: str = "auto"
+    device: str = "auto"  # training's torch device: auto (cuda, then mps, then cpu), cpu, cuda, mps
+    cpu_fallback: bool = False
     upstream_url: str = ""  # OpenAI-compatible base URL; empty: the local base model
     upstream_model: str = "gpt-4o-mini"
     rewrite_timeout_s: float = 30.0  # the daemon returns the generic reply past this
@@ -85,7 +92,7 @@ _RANGES = {
 }
 # Keys whose default is None ("auto": the adapter in use decides) and the type of their values.
 _AUTO = {"min_content_kept": float, "piece_words": int}
-_CHOICES = {"trajectory": ("auto", "full", "compact", "answer"), "retriever": RETRIEVERS}
+_CHOICES = {"trajectory": ("auto", "full", "compact", "answer"), "retriever": RETRIEVERS, "device": devices.DEVICES}
 
 
 def _coerce(name: str, value: object) -> object:
@@ -105,6 +112,11 @@ def _coerce(name: str, value: object) -> object:
         raise ConfigError(f"config key {name!r} must be between {low} and {high}, got {value!r}")
     if name == "style_layers" and not re.fullmatch(r"\d+-\d+", str(out)):
         raise ConfigError(f"config key 'style_layers' takes FIRST-LAST block numbers (e.g. 4-12), got {value!r}")
+    if name == "gpu_layers":
+        try:
+            return devices.check_gpu_layers(out)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'gpu_layers': {exc}") from None
     if name == "profile" and (reason := names.problem(out)):
         raise ConfigError(f"config key 'profile': {reason} ({names.RULE}), got {value!r}")
     return out

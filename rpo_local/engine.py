@@ -13,9 +13,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from rpo_local.errors import ModelError
+from rpo_local import devices
+from rpo_local.errors import GpuError, ModelError
 from rpo_local.models import check_gguf, resolve_model_path
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ def batch_invariant() -> bool:
 
 _LOG_CALLBACK = None  # kept referenced: llama.cpp calls it for as long as the process lives
 GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 4, 5  # ggml's enum since its DEBUG level came first
+_last_offload: tuple[int, int] | None = None  # from the last load's log: (on the GPU, in all)
 
 
 def quiet_llama_logs() -> None:
@@ -123,6 +125,9 @@ def quiet_llama_logs() -> None:
 
     @llama_cpp.llama_log_callback
     def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        global _last_offload
+        if b"offloaded" in text:  # an info line, the only report of what went to the GPU
+            _last_offload = devices.offloaded(text.decode(errors="replace")) or _last_offload
         if level != GGML_LOG_LEVEL_CONT:
             shown[0] = level == GGML_LOG_LEVEL_ERROR
         if shown[0]:
@@ -150,29 +155,25 @@ class LlamaEngine:
         seed: int = 0,
         adapter_path: Path | None = None,
         speculative: bool = True,
+        gpu_layers: str = "auto",
+        cpu_fallback: bool = False,
+        note: devices.Note = lambda _m: None,
     ) -> None:
-        import llama_cpp
-
         check_gguf(model_path)
         quiet_llama_logs()
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.lock = threading.RLock()
         self.backend = backend_name()
+        self.gpu_layers = gpu_layers
+        self.llm, layers = self._load(n_threads or default_threads(), seed, cpu_fallback, note)
+        # llama.cpp's own count (it counts the output layer as one); none logged: nothing offloaded.
+        self.offloaded: tuple[int, int] | None = _last_offload if layers else None
+        if not layers or (self.offloaded and not self.offloaded[0]):
+            self.backend = "CPU"  # a CPU build, or every layer kept on the CPU
         self.batch_invariant = batch_invariant()
         # Drafts are verified only where that gives exactly the greedy output (see batch_invariant).
         self.speculative = speculative and self.batch_invariant
-        try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(model_path),
-                n_ctx=n_ctx,
-                n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0,
-                n_threads=n_threads or default_threads(),
-                seed=seed,
-                verbose=False,
-            )
-        except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"cannot load model {model_path}: {exc}") from None
         from rpo_local.speculative import DecodeStats, GreedyDecoder
 
         self.decode_stats = DecodeStats()
@@ -187,6 +188,38 @@ class LlamaEngine:
         self.style_scale, self.style_layers = 1.0, (1, 10_000)
         if adapter_path is not None:
             self.set_adapter(adapter_path)
+
+    def _load(self, n_threads: int, seed: int, cpu_fallback: bool, note: devices.Note) -> tuple[Any, int]:
+        """(llama.cpp's model, the layers asked of the GPU). A load that fails with layers on the
+        GPU is tried on the CPU: a failure there too is the model's (ModelError); else it was the
+        GPU's, a GpuError unless cpu_fallback lets the CPU copy serve."""
+        import llama_cpp
+
+        def load(layers: int) -> Any:
+            global _last_offload
+            _last_offload = None
+            return llama_cpp.Llama(model_path=str(self.model_path), n_ctx=self.n_ctx, n_gpu_layers=layers,
+                                   n_threads=n_threads, seed=seed, verbose=False)
+
+        layers = devices.offload_layers(self.gpu_layers, gpu_build=self.backend != "CPU",
+                                        cpu_fallback=cpu_fallback, note=note)
+        cpu_error = f"cannot load model {self.model_path}"
+        try:
+            return load(layers), layers
+        except (ValueError, RuntimeError) as exc:
+            if not layers:
+                raise ModelError(f"{cpu_error}: {exc}") from None
+            gpu_error = exc
+        try:
+            llm = load(0)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"{cpu_error}: {exc}") from None
+        try:
+            devices.load_failed(gpu_error, self.backend, cpu_fallback, note)
+        except GpuError:
+            llm.close()
+            raise
+        return llm, 0
 
     def chat_template(self) -> str:
         template = self.llm.metadata.get("tokenizer.chat_template")
@@ -331,6 +364,8 @@ class LlamaEngine:
     def describe(self) -> dict:
         return {
             "backend": self.backend,
+            "gpu_layers": self.gpu_layers,
+            "offloaded_layers": f"{self.offloaded[0]}/{self.offloaded[1]}" if self.offloaded else "0 (CPU)",
             "model": str(self.model_path),
             "model_bytes": self.model_path.stat().st_size,
             "adapter": str(self.adapter_path) if self.adapter_path else None,
@@ -352,5 +387,12 @@ def open_engine(
     config = config or load_config()
     path = resolve_model_path(model or config.model or None)
     return LlamaEngine(
-        path, n_ctx=config.n_ctx, n_threads=config.n_threads, seed=config.seed, adapter_path=adapter
+        path, n_ctx=config.n_ctx, n_threads=config.n_threads, seed=config.seed, adapter_path=adapter,
+        gpu_layers=config.gpu_layers, cpu_fallback=config.cpu_fallback, note=_stderr_note,
     )
+
+
+def _stderr_note(message: str) -> None:
+    import sys
+
+    print(f"rpo: {message}", file=sys.stderr, flush=True)

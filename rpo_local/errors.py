@@ -80,6 +80,13 @@ class TrainingBusy(RpoError):
     exit_code = 13
 
 
+class GpuError(RpoError):
+    """The GPU asked for cannot be used: a build without its backend, no driver, too little
+    memory; and falling back to the CPU was not allowed (`cpu_fallback`)."""
+
+    exit_code = 14
+
+
 EXIT_INTERRUPTED = 130
 
 

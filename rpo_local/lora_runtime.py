@@ -9,6 +9,7 @@ non-zero status, never by aborting.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +65,19 @@ def free_adapter(handle: Any) -> None:
     llama_cpp.llama_adapter_lora_free(handle)
 
 
-def verify_adapter(model_path: Path, adapter_path: Path) -> None:
-    """Check that llama.cpp loads `adapter_path` for the base at `model_path` and can run with it.
+def verify_adapter(model_path: Path, adapter_path: Path, *, gpu_layers: str = "auto", cpu_fallback: bool = False,
+                   note: Callable[[str], None] = lambda _m: None) -> None:
+    """Check that llama.cpp loads `adapter_path` for the base at `model_path` and can run with it,
+    on the backend and layers the runtime uses (`gpu_layers`, as configured).
 
     Uses a small throwaway instance (the base file is memory-mapped, so this costs little)."""
-    import llama_cpp
+    from rpo_local.engine import LlamaEngine
 
+    engine = LlamaEngine(Path(model_path), n_ctx=64, speculative=False, gpu_layers=gpu_layers,
+                         cpu_fallback=cpu_fallback, note=note)
     try:
-        llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=64, n_batch=64, verbose=False)
-    except (ValueError, RuntimeError) as exc:
-        raise ModelError(f"cannot load model {model_path}: {exc}") from None
-    try:
-        handle = load_adapter(llm, adapter_path)
-        apply_adapter(llm, handle, 1.0)
-        llm.eval(llm.tokenize(b"Hello", add_bos=False))
+        handle = load_adapter(engine.llm, adapter_path)
+        apply_adapter(engine.llm, handle, 1.0)
+        engine.llm.eval(engine.llm.tokenize(b"Hello", add_bos=False))
     finally:
-        llm.close()
+        engine.llm.close()

@@ -129,6 +129,16 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
 _STRING, _ARRAY = 8, 9
 
 
+SOURCE_KEY = "rpo.source_sha256"  # `rpo quantize model` records the file a copy was quantized from
+
+
+def base_digests(path: Path) -> set[str]:
+    """The sha256s an adapter may have been trained on to run on `path`: its own, and that of
+    the file it was re-quantized from (same tensors and shapes, other rounding)."""
+    source = gguf_metadata(path).get(SOURCE_KEY)
+    return {sha256(path), *([str(source)] if source else [])}
+
+
 def gguf_metadata(path: Path) -> dict[str, str | int | float | bool]:
     """The scalar and string metadata of a GGUF file (architecture, name, chat template...).
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rpo_local.errors import InputError, ModelError
-from rpo_local.models import check_gguf, gguf_metadata
+from rpo_local.models import SOURCE_KEY, check_gguf, gguf_metadata, sha256
 
 if TYPE_CHECKING:
     import numpy as np
@@ -73,13 +73,17 @@ def quantize_model(src: Path, dst: Path, qtype: str, *, allow_requantize: bool =
     _check_target(qtype, dst)
     check_gguf(src)
     check_source(src, allow_requantize)
-    tmp = _temp_beside(dst, "part")
+    tmp, stamped = _temp_beside(dst, "part"), _temp_beside(dst, "stamped")
     try:
         _quantize(src, tmp, qtype, threads)
-        _load(tmp).close()
-        os.replace(tmp, dst)
+        # The copy keeps the adapters of its source: it records the file it came from.
+        source = gguf_metadata(src).get(SOURCE_KEY) or sha256(src)
+        _rewrite(tmp, stamped, {}, {SOURCE_KEY: str(source)})
+        _load(stamped).close()
+        os.replace(stamped, dst)
     finally:
         tmp.unlink(missing_ok=True)
+        stamped.unlink(missing_ok=True)
     return dst
 
 
@@ -144,9 +148,15 @@ def write_merged(base: Path, adapter: Path, out: Path, meta: dict[str, str]) -> 
     """Write `base` with the adapter's change added to each weight it adapts (in F32) to `out`,
     every other tensor and all metadata copied as they are, `meta` (strings) set on top. Returns
     the number of tensors changed. Uses the `gguf` package's reader, writer and dequantizer."""
+    deltas = lora_deltas(adapter)
+    _rewrite(base, out, deltas, meta, adapter.name)
+    return len(deltas)
+
+
+def _rewrite(base: Path, out: Path, deltas: dict, meta: dict[str, str], adapter_name: str = "") -> None:
+    """`base` copied to `out` with `deltas` added to their weights (in F32) and `meta` set."""
     from gguf import GGUFReader, GGUFWriter, Keys
 
-    deltas = lora_deltas(adapter)
     try:
         reader = GGUFReader(str(base))
     except (OSError, ValueError) as exc:
@@ -154,10 +164,10 @@ def write_merged(base: Path, adapter: Path, out: Path, meta: dict[str, str]) -> 
     tensors = {t.name: t for t in reader.tensors}
     for name, (a, b, _) in deltas.items():
         if name not in tensors:
-            raise ModelError(f"{adapter.name} adapts {name}, which {base.name} does not have")
+            raise ModelError(f"{adapter_name} adapts {name}, which {base.name} does not have")
         shape = tuple(reversed(tensors[name].shape.tolist()))  # ggml order -> numpy (rows, cols)
         if shape != (b.shape[0], a.shape[1]):
-            raise ModelError(f"{adapter.name}: {name} is {b.shape[0]}x{a.shape[1]}, {base.name} has "
+            raise ModelError(f"{adapter_name}: {name} is {b.shape[0]}x{a.shape[1]}, {base.name} has "
                              f"{shape[0]}x{shape[-1]}")
 
     arch = reader.get_field(Keys.General.ARCHITECTURE)
@@ -168,7 +178,6 @@ def write_merged(base: Path, adapter: Path, out: Path, meta: dict[str, str]) -> 
         _copy_merged(reader, writer, deltas, meta)
     finally:
         writer.close()
-    return len(deltas)
 
 
 def _copy_merged(reader: Any, writer: Any, deltas: dict, meta: dict[str, str]) -> None:
@@ -181,7 +190,9 @@ def _copy_merged(reader: Any, writer: Any, deltas: dict, meta: dict[str, str]) -
         writer.data_alignment = alignment.contents()
     for field in reader.fields.values():
         # The writer adds the architecture and GGUF.* (virtual fields of the reader) itself.
-        if field.name == Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in meta:
+        # A merged file takes no adapters: the lineage of its base is not copied, only `meta`'s.
+        if (field.name in (Keys.General.ARCHITECTURE, SOURCE_KEY) or field.name.startswith("GGUF.")
+                or field.name in meta):
             continue
         kind = field.types[0]
         writer.add_key_value(field.name, field.contents(), kind,

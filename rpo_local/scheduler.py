@@ -48,9 +48,9 @@ CommandFactory = Callable[[str], Sequence[str]]
 log = logging.getLogger(__name__)
 
 
-def train_command(profile: str) -> list[str]:
-    """The real training verb; prints one JSON object on stdout."""
-    return [sys.executable, "-m", "rpo_local", "train", "auto", "--profile", profile, "--json"]
+def train_command(profile: str, device: str = "auto") -> list[str]:
+    """The real training verb on `device` (the daemon's config device); prints one JSON object on stdout."""
+    return [sys.executable, "-m", "rpo_local", "train", "auto", "--profile", profile, "--device", device, "--json"]
 
 
 def style_command(profile: str) -> list[str]:
@@ -120,7 +120,7 @@ class TrainScheduler:
         config: Config,
         *,
         switch: Switch | None = None,
-        command: CommandFactory = train_command,
+        command: CommandFactory | None = None,  # default: train_command on config.device
         style: CommandFactory = style_command,
         check_s: float = 60.0,
         state_file: Path | None = None,
@@ -130,7 +130,7 @@ class TrainScheduler:
         self.store = store
         self.config = config
         self.switch = switch
-        self.command = command
+        self.command = command or (lambda profile: train_command(profile, config.device))
         self.style_command = style
         self.check_s = check_s
         self.state_file = state_file or state_path()

@@ -32,6 +32,18 @@ def test_requantized_when_asked_registered_and_loadable(cli):
     assert [p.name for p in paths.models_dir().iterdir()] == [written.name]  # no temporary file left
     listed = {m["name"]: m for m in json.loads(cli("models", "list", "--json").stdout)}
     assert listed["smollm2-135m-q8_0"]["arch"] == "llama" and listed["smollm2-135m-q8_0"]["exists"]
+    # The copy keeps its source's adapters: it records the file it came from.
+    from rpo_local.adapters import builtin_name, builtins_for, check_base
+    from rpo_local.models import SOURCE_KEY, embedded_model_path, gguf_metadata, sha256
+
+    assert gguf_metadata(written)[SOURCE_KEY] == sha256(embedded_model_path()) != sha256(written)
+    assert [builtin_name(path) for _, path in builtins_for(written)] == [
+        builtin_name(path) for _, path in builtins_for(embedded_model_path())]
+    check_base("builtin-lamp7", sha256(embedded_model_path()), written)
+    from rpo_local.engine import LlamaEngine
+
+    adapter = builtins_for(written)[0][1]
+    assert LlamaEngine(written, n_ctx=256, adapter_path=adapter).adapter_path == adapter  # base checked, loaded
     again = cli("quantize", "model", "smollm2-135m", "--type", "Q8_0", "--allow-requantize")
     assert again.code == 3 and "exists" in again.stderr  # never overwrites a registered model
     mine = written.parent / "mine.gguf"
@@ -168,6 +180,9 @@ def test_a_q8_0_merge_keeps_the_adapters_effect_and_is_registered(cli):
     assert "survives Q8_0" in out.stderr and "warning" not in out.stderr
     listed = {m["name"]: m for m in json.loads(cli("models", "list", "--json").stdout)}
     assert listed["smollm2-135m-builtin-lamp7-q8_0"]["arch"] == "llama"
+    from rpo_local.adapters import builtins_for
+
+    assert builtins_for(written) == []  # the adapter is in it already: none is applied on top
     again = cli("quantize", "merge", "--adapter", "builtin-lamp7")
     assert again.code == 3 and "exists" in again.stderr  # never overwrites a registered model
     mine = written.parent / "mine.gguf"

@@ -73,9 +73,11 @@ def activate(
             note(f"profile {name!r} now runs the bare base model")
             return
         row = _builtin_row(store, adapter) if adapter in BUILTINS else store.get_adapter(adapter)
-        model = resolve_model_path(load_config().model or None, store)
+        config = load_config()
+        model = resolve_model_path(config.model or None, store)
         check_base(row["name"], row.get("base_sha256") or _recorded_base(Path(row["path"])), model)
-        lora_runtime.verify_adapter(model, Path(row["path"]))
+        lora_runtime.verify_adapter(model, Path(row["path"]), gpu_layers=config.gpu_layers,
+                                    cpu_fallback=config.cpu_fallback, note=note)
         store.set_active_adapter(name, row["id"])
     note(f"profile {name!r} now uses adapter {row['name']!r}")
 

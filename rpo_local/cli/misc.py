@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -70,7 +71,7 @@ def doctor(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
         from rpo_local.engine import backend_name
 
         report["backend"] = backend_name()
-    except ImportError as exc:
+    except (ImportError, OSError, RuntimeError) as exc:  # also a GPU build whose driver library is missing
         report["backend"] = None
         report["problems"].append(f"llama-cpp-python is not importable: {exc}")
     try:
@@ -96,6 +97,8 @@ def doctor(profile: ProfileOpt = None, json_out: JsonOpt = False) -> None:
     except RpoError as exc:
         report["problems"].append(exc.message)
     report["retrieval"] = _retrieval(config, name, report)
+    if report.get("backend") is not None:
+        report["gpu"] = _gpu(config, Path(report["model"]["path"]) if report.get("model") else None, report)
     if report.get("model"):
         from rpo_local.style import status as style_status
 
@@ -130,6 +133,40 @@ def _retrieval(config: Config, profile: str, report: dict) -> dict:
     return info
 
 
+def _gpu(config: Config, model: Path | None, report: dict) -> dict:
+    """llama.cpp's devices, the gpu_layers setting and how many layers a load of the model
+    really puts on the GPU (from llama.cpp's own log), and the training device."""
+    from rpo_local import devices
+    from rpo_local.engine import LlamaEngine
+    from rpo_local.errors import RpoError
+
+    info: dict = {"gpu_layers": config.gpu_layers, "cpu_fallback": config.cpu_fallback,
+                  "training_device": config.device, "devices": devices.llama_devices(), "notes": []}
+    if model is None:
+        return info
+    try:
+        engine = LlamaEngine(model, n_ctx=64, speculative=False, gpu_layers=config.gpu_layers,
+                             cpu_fallback=config.cpu_fallback, note=info["notes"].append)
+    except RpoError as exc:
+        report["problems"].append(exc.message)
+        return info
+    info.update(runs_on=engine.backend, offloaded_layers=engine.describe()["offloaded_layers"])
+    engine.llm.close()
+    return info
+
+
+def _gpu_line(info: dict | None) -> str | None:
+    if info is None:
+        return None
+    gpus = [d for d in info["devices"] if d["type"] in ("gpu", "igpu")]
+    where = ", ".join(f"{d['name']} {d['description']} ({d['memory_free'] / 2**30:.1f} of "
+                      f"{d['memory_total'] / 2**30:.1f} GiB free)" for d in gpus) or "no GPU device"
+    placed = (f"{info['runs_on']}, layers on the GPU {info['offloaded_layers']}" if "runs_on" in info
+              else "the model did not load (see the problem below)")
+    notes = "".join(f"; note: {n}" for n in info["notes"])
+    return f"{placed}; gpu_layers {info['gpu_layers']}; {where}; training device {info['training_device']}{notes}"
+
+
 def _auto_training(info: dict | None) -> str | None:
     if not info:
         return None
@@ -152,6 +189,7 @@ def _print_report(report: dict) -> None:
     lines = [
         ("profile", report["profile"] + ("" if exists or exists is None else " (no history yet: not created)")),
         ("backend", report.get("backend")),
+        ("gpu", _gpu_line(report.get("gpu"))),
         ("model", f"{model.get('path')} ({model.get('bytes', 0) / 1e6:.0f} MB)" if model else None),
         ("adapter", report.get("adapter") or "none"),
         ("database", f"{db.get('path')}{' (read-only)' if db.get('read_only') else ''}"),

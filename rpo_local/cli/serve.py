@@ -32,6 +32,7 @@ def serve(
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes (413 above)")] = 1_000_000,
     train: Annotated[bool, typer.Option("--train/--no-train", help="Fine-tune periodically in the background")] = True,
     train_check: Annotated[float, typer.Option("--train-check", min=1.0, help="Seconds between checks for new material")] = 60.0,
+    train_device: Annotated[str | None, typer.Option("--train-device", help="Background training on cpu, cuda, mps or auto [default: config device]")] = None,
 ) -> None:
     """Serve an OpenAI-compatible API that personalizes every reply: point clients at http://HOST:PORT/v1.
 
@@ -40,6 +41,7 @@ def serve(
     from rpo_local import server as srv
     from rpo_local.adapters import resolve_adapter
     from rpo_local.config import load_config
+    from rpo_local.devices import check_device
     from rpo_local.engine import open_engine
     from rpo_local.scheduler import TrainScheduler
     from rpo_local.store import Store
@@ -51,6 +53,7 @@ def serve(
     config.rewrite_timeout_s = timeout or config.rewrite_timeout_s
     config.upstream_timeout_s = upstream_timeout or config.upstream_timeout_s
     config.max_queued_requests = max_queued or config.max_queued_requests
+    config.device = check_device(train_device, "--train-device") or config.device
     srv.check_host(host, allow_remote)
     sock = srv.bind(host, port)  # a busy port fails before the models load
     store = Store.open()

@@ -79,6 +79,17 @@ TopLayersOpt = Annotated[int, typer.Option(
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="CPU threads (0: up to 2)")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
 ScratchOpt = Annotated[bool, typer.Option("--from-scratch", help="Do not start from the adapter in use")]
+DeviceOpt = Annotated[str | None, typer.Option(
+    "--device", help="Train on cpu, cuda, mps, or auto (torch's GPU when it sees one) [default: config device]")]
+
+
+def _device(device: str | None) -> str:
+    """--device, else the configured one; the training run resolves `auto` and checks that torch
+    sees it (a failed run, exit 14, when it does not and cpu_fallback is off)."""
+    from rpo_local.config import load_config
+    from rpo_local.devices import check_device
+
+    return check_device(device, "--device") or load_config().device
 
 
 @app.command("sft")
@@ -96,6 +107,7 @@ def sft(
     threads: ThreadsOpt = 0,
     seed: SeedOpt = 0,
     from_scratch: ScratchOpt = False,
+    device: DeviceOpt = None,
     json_out: JsonOpt = False,
     progress_json: ProgressJsonOpt = False,
 ) -> None:
@@ -104,7 +116,7 @@ def sft(
     from rpo_local.training.sft import SFTConfig
 
     cfg = SFTConfig(rank=rank, alpha=2.0 * rank, lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
-                    grad_accum=grad_accum, top_layers=top_layers, threads=threads, seed=seed)
+                    grad_accum=grad_accum, top_layers=top_layers, threads=threads, seed=seed, device=_device(device))
     _train(profile, lamp, lamp_users, cfg, from_scratch, json_out, progress_json)
 
 
@@ -121,6 +133,7 @@ def rl(
     lr: LrOpt = 5e-4,
     threads: ThreadsOpt = 0,
     seed: SeedOpt = 0,
+    device: DeviceOpt = None,
     json_out: JsonOpt = False,
     progress_json: ProgressJsonOpt = False,
 ) -> None:
@@ -130,7 +143,8 @@ def rl(
     from rpo_local.training.rl import RLConfig
     from rpo_local.training.sft import SFTConfig
 
-    cfg = SFTConfig(lr=lr, epochs=epochs, steps=steps, top_layers=10, grad_accum=1, threads=threads, seed=seed)
+    cfg = SFTConfig(lr=lr, epochs=epochs, steps=steps, top_layers=10, grad_accum=1, threads=threads, seed=seed,
+                    device=_device(device))
     _train(profile, lamp, lamp_users, cfg, False, json_out, progress_json,
            RLConfig(samples=samples, temperature=temperature, margin=margin))
 
@@ -155,6 +169,7 @@ def _train(profile: str | None, lamp: Path | None, lamp_users: int, cfg: SFTConf
 @app.command("auto")
 def auto(
     profile: ProfileOpt = None,
+    device: DeviceOpt = None,
     json_out: JsonOpt = False,
     progress_json: ProgressJsonOpt = False,
 ) -> None:
@@ -171,7 +186,8 @@ def auto(
     with open_store() as store:
         store.get_profile(name)
         _interrupt_on_sigterm()
-        cfg = SFTConfig(top_layers=10, lr=1e-3, batch_size=4, grad_accum=1, threads=config.n_threads)
+        cfg = SFTConfig(top_layers=10, lr=1e-3, batch_size=4, grad_accum=1, threads=config.n_threads,
+                        device=_device(device))
         outcome = run_auto(store, name, cfg=cfg, config=config, on_step=_progress_sink(progress_json), note=note)
     _finish(outcome, json_out, progress_json)
 

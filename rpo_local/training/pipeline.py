@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rpo_local import errors, paths, prompts
+from rpo_local import devices, errors, paths, prompts
 from rpo_local.adapters import resolve_adapter
 from rpo_local.config import Config, load_config
 from rpo_local.errors import InputError, ModelError, RpoError, TrainingBusy
@@ -245,9 +245,11 @@ def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_s
          run_id, rl_cfg) -> Outcome:
     from rpo_local.engine import open_engine
     from rpo_local.models import sha256
-    from rpo_local.training import export, sft
+    from rpo_local.training import export
 
     t0 = time.perf_counter()
+    cfg.device = devices.torch_device(cfg.device, cpu_fallback=config.cpu_fallback, note=note)
+    note(f"training on {cfg.device}")
     if lamp is None and store.count_items(profile) < MIN_ITEMS:  # before any model loads
         raise InputError(f"profile {profile!r} has {store.count_items(profile)} texts; "
                          f"training needs at least {MIN_ITEMS}")
@@ -281,13 +283,13 @@ def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_s
     note(f"training on {len(train_ex)} examples, {len(held_ex)} held out"
          + (f", starting from {Path(cfg.init_adapter).name}" if cfg.init_adapter else ""))
     try:
-        model, result = sft.train(model_path, train_ex, run_dir, cfg, on_step=on_step, progress=progress)
+        model, result = _fit(model_path, train_ex, run_dir, cfg, on_step, progress)
     except ModelError as exc:
         if not cfg.init_adapter:
             raise
         note(f"cannot start from {cfg.init_adapter} ({exc.message}); starting from scratch")
         cfg.init_adapter = None
-        model, result = sft.train(model_path, train_ex, run_dir, cfg, on_step=on_step, progress=progress)
+        model, result = _fit(model_path, train_ex, run_dir, cfg, on_step, progress)
 
     final = paths.ensure_dir(paths.adapters_dir()) / f"{name}.lora.gguf"
     tmp = final.with_name(f".{final.name}.verify")
@@ -318,3 +320,15 @@ def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_s
         return Outcome("activated", name, f"held-out ROUGE-1 {before['rouge1']:.4f} -> {after['rouge1']:.4f}", figures)
     return Outcome("rejected", name, f"held-out ROUGE-1 {after['rouge1']:.4f} does not beat "
                    f"{before['rouge1']:.4f}; keeping the current adapter", figures)
+
+
+def _fit(model_path: Path, train_ex: list, run_dir: Path, cfg: SFTConfig, on_step: Sink | None, progress: bool):
+    """sft.train, with running out of GPU memory reported as such (exit 14), not as a bug."""
+    from rpo_local.training import sft
+
+    try:
+        return sft.train(model_path, train_ex, run_dir, cfg, on_step=on_step, progress=progress)
+    except RuntimeError as exc:
+        if (gpu_error := devices.out_of_memory(exc, cfg.device)) is None:
+            raise
+        raise gpu_error from None
