@@ -353,10 +353,12 @@ def run_eval(
     With `checkpoint`, each finished user is saved there and a rerun resumes after them.
     Raises `EvalInterrupted` (a KeyboardInterrupt) on Ctrl-C, carrying the partial report.
     """
+    from rpo_local.adapters import retriever
     from rpo_local.retrieve import resolved
 
     config = replace(config or load_config(), temperature=0.0)
-    config.retriever = resolved(config.retriever)
+    # One retriever for every method of the run: auto as the adapter evaluated resolves it.
+    config.retriever = resolved(retriever(config, adapter if any("+adapter" in m for m in methods) else None))
     k = config.k if k is None else k
     methods, rpo_input = check_options(data.task, methods, adapter=adapter, rpo_input=rpo_input, k=k)
     if any("+adapter" in m for m in methods):

@@ -195,8 +195,8 @@ class Reflector:
         if deadline is not None and time.monotonic() > deadline:
             piece = PieceResult(pos, pos + len(seg.text), seg.text, seg.text, False, TIME_BUDGET)
             return piece, {"piece": seg.plain, "rewritten": False, "problem": TIME_BUDGET}
-        items = (retrieve(self.store, profile, seg.plain, k, self.config.retriever)
-                 if self.store is not None and k else [])
+        how = adapters.retriever(self.config, getattr(self.engine, "adapter_path", None))
+        items = retrieve(self.store, profile, seg.plain, k, how) if self.store is not None and k else []
         for item in items:
             retrieved.setdefault(item["id"], item)
         return self._rewrite_piece(seg, pos, items, profile)

@@ -3,7 +3,8 @@
 Retrievers (config key `retriever`):
 - `auto` (the default): `dense` where it can run (the [retrieval] extra installed, the model
   exported, the profile embedded), else `bm25`, without a note: dense found better context for the
-  shipped adapter on the tuning users (README "Retrieval").
+  shipped adapter on the tuning users (README "Retrieval"). An adapter that reads BM25 contexts
+  better says so (`adapters.retriever`), and auto is then `bm25`.
 - `bm25`: BM25 over the FTS5 index, with a query built from the text's content words (as
   LaMP's BM25 retriever does), the commonest left out in a large history.
 - `dense`: cosine similarity of all-MiniLM-L6-v2 embeddings (rpo_local.embed), so items written

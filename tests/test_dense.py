@@ -337,6 +337,14 @@ def test_rewrite_retrieves_with_the_configured_retriever(store, topics, fake_eng
 
     _history(store)
     embed.embed_missing(store, "ann", topics)
-    texts = {r: _texts(Reflector(store, fake_engine, Config(retriever=r, k=2)).rewrite(REPLY, "ann", log=False).retrieved)
-             for r in ("bm25", "dense")}
+    def retrieved(retriever: str) -> list[str]:
+        return _texts(Reflector(store, fake_engine, Config(retriever=retriever, k=2)).rewrite(REPLY, "ann", log=False).retrieved)
+
+    texts = {r: retrieved(r) for r in ("bm25", "dense", "auto")}
     assert set(texts["dense"]) == {t for t, _ in TRAVEL} and not set(texts["bm25"]) & set(texts["dense"])
+    assert texts["auto"] == texts["dense"]
+    # The Qwen 1.5B adapter was chosen with BM25 contexts: under auto it keeps them; asked, dense.
+    from rpo_local.adapters import BUILTINS, asset_path
+
+    fake_engine.adapter_path = asset_path(BUILTINS["builtin-lamp7-qwen1.5b"][0])
+    assert retrieved("auto") == texts["bm25"] and retrieved("dense") == texts["dense"]

@@ -115,9 +115,10 @@ def _retrieval(config: Config, profile: str, report: dict) -> dict:
     """The retriever, and for dense/hybrid whether it can run: the embedding model, its
     execution provider (CUDA or CPU), how much of the profile is embedded."""
     from rpo_local import embed
+    from rpo_local.adapters import retriever
     from rpo_local.errors import RpoError
 
-    info: dict = {"retriever": config.retriever, "problem": embed.problem()}
+    info: dict = {"retriever": retriever(config, report.get("adapter")), "problem": embed.problem()}
     if info["problem"] is None:
         try:
             embedder = embed.get_embedder()
