@@ -249,7 +249,7 @@ def _run(store, profile, cfg, lamp, lamp_users, start_from_current, config, on_s
 
     t0 = time.perf_counter()
     cfg.device = devices.torch_device(cfg.device, cpu_fallback=config.cpu_fallback, note=note)
-    note(f"training on {cfg.device}")
+    note(f"torch device: {cfg.device}")
     if lamp is None and store.count_items(profile) < MIN_ITEMS:  # before any model loads
         raise InputError(f"profile {profile!r} has {store.count_items(profile)} texts; "
                          f"training needs at least {MIN_ITEMS}")
