@@ -5,8 +5,9 @@ model loaded (what the daemon and the TUI see). A ~40-token generic reply, k=4.
 
 Side by side in the same run, so that the ratios hold on a noisy machine, each warm rewrite is
 followed by the same rewrite without speculative decoding and by raw llama.cpp
-(`Llama.create_completion` on the same reflection prompt, same model and adapter, greedy, as
-many tokens as the rewrite generated), each on its own loaded model so every one sees the KV
+(`Llama.create_completion` on the same reflection prompt in the adapter's format, same model and
+adapter, greedy, exactly as many tokens as the rewrite generated: end-of-generation tokens are
+forbidden, else it stops early and the ratio compares unequal work), each on its own loaded model so every one sees the KV
 cache the previous reply left (the shared system-prompt prefix), as in real use.
 Run: .venv/bin/python bench/bench_rewrite.py [--runs N] [--adapter PATH|none] [--model GGUF]
 """
@@ -67,6 +68,15 @@ def raw_llama(engine):
     return llm
 
 
+def no_end_of_generation(llm) -> dict[int, float]:
+    """A logit bias that forbids every end-of-generation token, so raw llama.cpp generates as many
+    tokens as it is asked for (the rewrite's count), not fewer where the model would stop."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return {t: float("-inf") for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+
+
 def compare(reflector, plain, raw, runs: int) -> dict:
     """rpo (speculative), rpo without speculation and raw llama.cpp, one after the other per reply."""
     from rpo_local import prompts
@@ -75,15 +85,16 @@ def compare(reflector, plain, raw, runs: int) -> dict:
     spec_engine = reflector.engine
     rows = []
     stats0 = (spec_engine.decode_stats.drafted, spec_engine.decode_stats.accepted)
-    template = spec_engine.chat_template()
+    template, fmt = spec_engine.chat_template(), reflector.trajectory_format()
+    never_stop = no_end_of_generation(raw)
     for i in range(runs):
         text = WARM_REPLIES[i % len(WARM_REPLIES)]
         r = reflector.rewrite(text, "alex", log=False)
         p = plain.rewrite(text, "alex", log=False)
         items = [it["text"] for it in retrieve(reflector.store, "alex", text, reflector.config.k)]
-        prompt = prompts.reflection_prompt(template, text, items)
+        prompt = prompts.reflection_prompt(template, text, items, fmt)
         start = time.perf_counter()
-        out = raw.create_completion(prompt, max_tokens=r.completion_tokens, temperature=0.0)
+        out = raw.create_completion(prompt, max_tokens=r.completion_tokens, temperature=0.0, logit_bias=never_stop)
         raw_s = time.perf_counter() - start
         rows.append({
             "rpo_s": r.total_s, "plain_s": p.total_s, "raw_s": raw_s,

@@ -51,6 +51,17 @@ class ChunkResult:
     gen_s: float = 0.0
 
 
+def _counts(analysis: Completion, answer: Completion) -> tuple[int, int, float, float]:
+    """A chunk's prompt and completion tokens and times. The prompt is the analysis phase's, or
+    the answer's where the format has no analysis phase (the answer's prompt repeats the analysis)."""
+    return (
+        analysis.prompt_tokens or answer.prompt_tokens,
+        analysis.completion_tokens + answer.completion_tokens,
+        analysis.prompt_s + answer.prompt_s,
+        analysis.gen_s + answer.gen_s,
+    )
+
+
 @dataclass
 class PieceResult:
     """One piece of a reply: where it is in the input, and what replaced it."""
@@ -282,12 +293,7 @@ class Reflector:
             traj.answer, traj.problem = None, "answer drops the reply's content"
         if traj.answer is None:
             return self._fallback(generic, traj, analysis, answer)
-        return ChunkResult(
-            generic, traj.answer, traj.to_dict(), False, None,
-            analysis.prompt_tokens,
-            analysis.completion_tokens + answer.completion_tokens,
-            analysis.prompt_s + answer.prompt_s, analysis.gen_s + answer.gen_s,
-        )
+        return ChunkResult(generic, traj.answer, traj.to_dict(), False, None, *_counts(analysis, answer))
 
     def _generate(self, prompt: str, *, max_tokens: int, stop: list[str], temperature: float, seed: int,
                   result: Completion, draft: str | None = None) -> Iterator[str]:
@@ -346,12 +352,8 @@ class Reflector:
     def _fallback(
         self, generic: str, traj: prompts.Trajectory, analysis: Completion, answer: Completion | None
     ) -> ChunkResult:
-        answer = answer or Completion()
-        return ChunkResult(
-            generic, generic.strip(), traj.to_dict(), True, traj.problem,
-            analysis.prompt_tokens, analysis.completion_tokens + answer.completion_tokens,
-            analysis.prompt_s + answer.prompt_s, analysis.gen_s + answer.gen_s,
-        )
+        return ChunkResult(generic, generic.strip(), traj.to_dict(), True, traj.problem,
+                           *_counts(analysis, answer or Completion()))
 
     # -- the whole reply ------------------------------------------------------------------------
 

@@ -162,3 +162,10 @@ def test_a_long_repeated_sentence_is_cut_before_it_is_printed(ann):
     r = Reflector(ann, FakeEngine(responder), loose).rewrite(generic, "ann", on_text=pieces.append)
     assert "".join(pieces) == r.rewrite
     assert r.rewrite.count("weekend") == 1 and r.rewrite.startswith(sentence.strip()[:40])
+
+
+@pytest.mark.parametrize("fmt", ["full", "answer"])
+def test_the_prompt_tokens_are_counted_in_every_format(ann, fake_engine, fmt):
+    r = Reflector(ann, fake_engine, Config(trajectory=fmt)).rewrite("The Dog needs a walk.", "ann", log=False)
+    assert not r.fallback
+    assert r.prompt_tokens == fake_engine.count_tokens(fake_engine.prompts[0]) > 0
