@@ -8,7 +8,7 @@ followed by the same rewrite without speculative decoding and by raw llama.cpp
 (`Llama.create_completion` on the same reflection prompt in the adapter's format, same model and
 adapter, greedy, exactly as many tokens as the rewrite generated: end-of-generation tokens are
 forbidden by a logit bias, else it stops early and the ratio compares unequal work; the bias
-costs raw a copy of the logits per token, well under 1% of a token's time here), each on its
+costs raw a copy of the logits per token, by estimate well under 1% of a token's time here), each on its
 own loaded model so every one sees the KV cache the previous reply left (the shared
 system-prompt prefix), as in real use.
 Run: .venv/bin/python bench/bench_rewrite.py [--runs N] [--adapter PATH|none] [--model GGUF]
