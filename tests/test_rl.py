@@ -256,3 +256,169 @@ def test_train_rl_end_to_end(rpo_home, lamp7):
         traj = prompts.parse_trajectory(prompts.assistant_prefix() + ex.completion.removesuffix(EOT))
         assert traj.answer and traj.style is not None
     verify_adapter(embedded_model_path(), Path(adapter["path"]))
+
+
+# -- GRPO with the multi-context curriculum -----------------------------------------------------
+
+def test_group_advantages_are_rewards_against_their_group_in_standard_deviations():
+    advs = rl.group_advantages([0.2, 0.4, 0.6, 0.4])
+    assert sum(advs) == pytest.approx(0.0) and sum(a * a for a in advs) / 4 == pytest.approx(1.0)
+    assert advs[0] < advs[1] == advs[3] < advs[2]
+    assert rl.group_advantages([0.5, 0.5, 0.5]) == [0.0, 0.0, 0.0]  # nothing to prefer
+
+
+def test_a_curriculum_stage_prompts_with_the_first_k_retrieved_items():
+    ex = dataset.make_example(SMOLLM2_TEMPLATE, "u1", GENERIC, TARGET, ["one lol", "two omg", "three haha"])
+    stage = rl.with_context(ex, 2, SMOLLM2_TEMPLATE)
+    assert stage.context == ["one lol", "two omg"]
+    assert stage.prompt == prompts.reflection_prompt(SMOLLM2_TEMPLATE, GENERIC, ["one lol", "two omg"])
+    assert "two omg" in stage.prompt and "three haha" not in stage.prompt
+    assert (stage.generic, stage.target) == (ex.generic, ex.target)
+
+
+def test_sampled_rollouts_keep_exactly_what_was_sampled_and_reward_what_rewrite_prints():
+    it = itertools.cycle(RAWS)
+    seeds = []
+
+    class Recording(FakeEngine):
+        def stream(self, prompt, **kw):
+            seeds.append(kw["seed"])
+            return super().stream(prompt, **kw)
+
+    engine = Recording(responder=lambda prompt: next(it) + EOT + " trailing")
+    rolls = rl.sampled_rollouts(engine, [_example(), _example()], SMOLLM2_TEMPLATE, n=3, min_kept=0.5, seed=7)
+    assert len(set(seeds)) == 6 and engine.prompts == [_example().prompt] * 6
+    good, dropped, unparsed = rolls[0].samples
+    # the completion is the sampled text itself, gated or not: its probability is what GRPO moves
+    assert [s.completion for s in rolls[0].samples] == [raw + EOT for raw in RAWS]
+    assert not good.fallback and good.reward == pytest.approx(rouge(KEEPS, TARGET)[0])
+    for s in (dropped, unparsed):
+        assert s.fallback and s.answer == GENERIC and s.reward == rolls[0].baseline
+
+
+def test_a_sample_cut_at_the_token_limit_has_no_end_of_turn():
+    engine = FakeEngine(responder=lambda prompt: "short</style> and on and on " * 50)
+    (roll,) = rl.sampled_rollouts(engine, [_example()], SMOLLM2_TEMPLATE, n=1, max_tokens=10)
+    (sample,) = roll.samples
+    assert sample.fallback and not sample.completion.endswith(EOT) and len(sample.completion) == 30
+
+
+class _CharTokenizer:
+    """Characters as token ids: enough for the loss code, which needs ids and a pad id only."""
+    pad_token_id = eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return type("Encoded", (), {"input_ids": [1 + ord(c) % 60 for c in text]})()
+
+
+def _tiny_policy():
+    """A randomly initialised two-block llama with a LoRA: no download, a CPU step in milliseconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rpo_local.training import sft
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    model = sft.add_lora(model, sft.SFTConfig(rank=4, dropout=0.0))
+    for name, param in model.named_parameters():  # B = 0 would make the policy ignore A's gradient at first
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
+def _seq_logp(model, tok, ex):
+    import torch
+
+    from rpo_local.training import sft
+
+    rows, _ = sft.encode(tok, [ex], 512)
+    with torch.no_grad():
+        return float(sft.completion_logprobs(model, sft.collate(rows, [0], 0))[0].sum())
+
+
+@pytest.mark.train
+def test_completion_log_probabilities_sum_to_the_language_model_loss_on_the_completion():
+    import torch
+
+    from rpo_local.training import sft
+
+    model, tok = _tiny_policy(), _CharTokenizer()
+    examples = [dataclasses.replace(_example(), prompt="rewrite: hi", completion=c) for c in ("ok lol", "sure thing!")]
+    rows, _ = sft.encode(tok, examples, 512)
+    batch = sft.collate(rows, [0, 1], 0)
+    with torch.no_grad():
+        logp, row = sft.completion_logprobs(model, batch)
+        mean_nll = model(**batch).loss  # transformers' own shifted cross-entropy over the labels
+        loss = sft.completion_loss(model, batch)
+    assert row.tolist() == [0] * len("ok lol") + [1] * len("sure thing!")
+    assert float(loss) == pytest.approx(float(mean_nll) * len(row), rel=1e-5)
+    assert float(-logp.sum()) == pytest.approx(float(loss))
+
+
+@pytest.mark.train
+def test_a_grpo_update_makes_the_better_sample_likelier_and_keeps_the_reference():
+    from rpo_local.training import sft
+
+    model, tok = _tiny_policy(), _CharTokenizer()
+    ex = dataclasses.replace(_example(), prompt="rewrite: hello there")
+    good, bad = rl.Sample("hi there lol", "hi there lol", 0.9, False), rl.Sample("zzzz", GENERIC, 0.1, True)
+    roll = rl.Rollout(ex, 0.5, [good, bad])
+    as_ex = [dataclasses.replace(ex, completion=s.completion) for s in (good, bad)]
+    before = [_seq_logp(model, tok, e) for e in as_ex]
+    ref = sft.trainable_state(model)
+    cfg = rl.GRPOConfig(lr=1e-2, beta=0.04)
+    figures = rl.grpo_update(model, tok, [roll], ref, rl.grpo_optimizer(model, cfg), cfg)
+    after = [_seq_logp(model, tok, e) for e in as_ex]
+    assert figures["samples"] == 2 and figures["steps"] == 1
+    assert figures["kl"] == pytest.approx(0.0, abs=1e-6)  # one step: the policy was still the reference
+    assert after[0] - after[1] > before[0] - before[1] + 0.1
+    now = sft.trainable_state(model)
+    assert any(not (now[n] == ref[n]).all() for n in ref)  # the policy moved; the reference did not
+    with rl.lora_weights(model, ref):
+        assert [_seq_logp(model, tok, e) for e in as_ex] == pytest.approx(before)
+    assert [_seq_logp(model, tok, e) for e in as_ex] == pytest.approx(after)
+
+
+@pytest.mark.train
+def test_a_group_whose_samples_score_the_same_teaches_nothing():
+    from rpo_local.training import sft
+
+    model, tok = _tiny_policy(), _CharTokenizer()
+    roll = rl.Rollout(_example(), 0.5, [rl.Sample("a", "a", 0.5, False), rl.Sample("b", GENERIC, 0.5, True)])
+    ref = sft.trainable_state(model)
+    cfg = rl.GRPOConfig(lr=1e-2)
+    figures = rl.grpo_update(model, tok, [roll], ref, rl.grpo_optimizer(model, cfg), cfg)
+    assert figures["samples"] == 0 and figures["steps"] == 0
+    assert all((sft.trainable_state(model)[n] == ref[n]).all() for n in ref)
+
+
+@pytest.mark.model
+@pytest.mark.train
+def test_rl_general_adapter_script_with_grpo_and_the_curriculum(tmp_path, lamp7, rpo_home):
+    """train/rl_general_adapter.py --method grpo, tiny: one round per curriculum stage, rollouts
+    in llama.cpp with that stage's number of retrieved items, an adapter llama.cpp loads."""
+    from rpo_local.lora_runtime import verify_adapter
+    from rpo_local.models import embedded_model_path
+
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train/rl_general_adapter.py", "--method", "grpo", "--curriculum", "1,2",
+         "--lamp", str(lamp7), "--init-adapter", "rpo_local/assets/reflect-lamp7.lora.gguf", "--examples", "2",
+         "--samples", "3", "--temperature", "1.0", "--top-layers", "2", "--lr", "1e-4",
+         "--run-dir", str(run), "--out", str(tmp_path / "out.gguf")],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "grpo" and [r["k"] for r in summary["rounds"]] == [1, 2]
+    lamp = dataset.read_jsonl(run / "lamp.jsonl")
+    for r, k in ((1, 1), (2, 2)):
+        rolls = [json.loads(line) for line in (run / f"rollouts{r}.jsonl").read_text().splitlines()]
+        assert len(rolls) == len(lamp) and all(len(x["samples"]) == 3 for x in rolls)
+        assert all(x["example"]["context"] == ex.context[:k] for x, ex in zip(rolls, lamp, strict=True))
+        figures = summary["rounds"][r - 1]
+        assert figures["rollouts"]["samples"] == 3 * len(lamp) and figures["train"]["samples"] <= 3 * len(lamp)
+    assert (tmp_path / "out.gguf").read_bytes() == (run / "round2.gguf").read_bytes()
+    verify_adapter(embedded_model_path(), run / "round2.gguf")

@@ -20,6 +20,15 @@ before and after each round:
         --augment 40 --paraphrases train/runs/bt/paraphrases.jsonl --val 100 --rounds 2 --budget-s 150 \
         --top-layers 0 --lr 2e-4 --epochs 1 --batch-size 32 --grad-accum 1
 
+--method grpo is the paper's RL stage instead: one round per stage of --curriculum (k = 1, 2, 4,
+8 retrieved items in the prompt), each sampling --samples trajectories per example in llama.cpp
+with the adapter as it is, then one GRPO pass over them (group-relative advantages, a KL term of
+weight --beta to the --init-adapter policy; rl.grpo_update). Rollouts are cached per round, the
+policy is not: a rerun starts over.
+
+    nice -n 10 .venv/bin/python train/rl_general_adapter.py --method grpo --init-adapter A.gguf \
+        --examples 40 --samples 4 --run-dir train/runs/grpo --out grpo.gguf
+
 Writes lamp.jsonl, augment.jsonl and val.jsonl (the examples; reused when present), per round rollouts and
 the kept trajectories, checkpoints, round{R}.gguf and summary.json into --run-dir; --out gets
 the last round's adapter.
@@ -33,6 +42,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -57,13 +67,18 @@ def main() -> None:
     ap.add_argument("--augment", type=int, default=0, help="back-translated history items per user (0: none)")
     ap.add_argument("--paraphrases", type=Path, default=None, help="their paraphrase cache (build_general_adapter.py)")
     ap.add_argument("--val", type=int, default=0, help="hold out the last N training users and score them")
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--method", choices=["raft", "grpo"], default="raft")
+    ap.add_argument("--curriculum", default=",".join(map(str, rl.CURRICULUM)),
+                    help="grpo: retrieved items in the prompt per round")
+    ap.add_argument("--beta", type=float, default=rl.GRPOConfig.beta, help="grpo: weight of the KL term")
+    ap.add_argument("--k", type=int, default=4, help="raft: retrieved items in the prompt")
+    ap.add_argument("--rounds", type=int, default=1, help="raft")
     ap.add_argument("--samples", type=int, default=4, help="rollouts per example")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--margin", type=float, default=0.05, help="reward a kept sample must add over the generic text")
     ap.add_argument("--budget-s", type=float, default=None, help="seconds of rollouts per round (torch)")
     ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=None, help=f"raft: 5e-4; grpo: {rl.GRPOConfig.lr}")
     ap.add_argument("--top-layers", type=int, default=10, help="blocks whose LoRA learns (0: all)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=2)
@@ -77,11 +92,17 @@ def main() -> None:
     model_path = resolve_model_path(args.model)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     args.engine = args.engine or ("llama" if args.device == "cpu" else "torch")
+    args.curriculum = [int(k) for k in args.curriculum.split(",")]
+    if args.method == "grpo":
+        args.k = max(args.curriculum)
+    args.lr = args.lr or (rl.GRPOConfig.lr if args.method == "grpo" else 5e-4)
     lamp, extra, val = examples(args, model_path)
     print(f"{len(lamp)} LaMP pairs + {len(extra)} history items to sample, {len(val)} to validate",
           file=sys.stderr)
+    scored = validate(model_path, args, args.init_adapter, val) if val else None
+    if args.method == "grpo":
+        return grpo(args, model_path, lamp + extra, val, scored)
     adapter, at, rounds = args.init_adapter, 0, []
-    scored = validate(model_path, args, adapter, val) if val else None
     for r in range(1, args.rounds + 1):
         # Every round samples all LaMP pairs, then the history items where the last round stopped.
         pool = lamp + extra[at:] + extra[:at]
@@ -91,12 +112,52 @@ def main() -> None:
         adapter = trained
         at = (at + max(0, figures["rollouts"]["examples"] - len(lamp))) % max(1, len(extra))
         rounds.append(figures)
-        print(json.dumps(figures), flush=True)
-        summary = {"init_adapter": str(args.init_adapter), "val_before": scored, "rounds": rounds}
-        atomic_write_text(args.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        report(args, scored, rounds)
     if rounds:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(adapter, args.out)
+
+
+def report(args: argparse.Namespace, scored: dict | None, rounds: list[dict]) -> None:
+    """The last round's figures on stdout; every round's in summary.json."""
+    print(json.dumps(rounds[-1]), flush=True)
+    summary = {"method": args.method, "init_adapter": str(args.init_adapter), "val_before": scored, "rounds": rounds}
+    atomic_write_text(args.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+
+
+def grpo(args: argparse.Namespace, model_path: Path, pool: list[dataset.Example], val: list[dataset.Example],
+         scored: dict | None) -> None:
+    """The curriculum: per stage k, rollouts with the adapter as it is, then one GRPO pass."""
+    from rpo_local.engine import LlamaEngine
+
+    template = dataset.gguf_chat_template(model_path)
+    cfg = rl.GRPOConfig(beta=args.beta, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                        device=args.device)
+    model, tok = adapter_model(model_path, args, args.init_adapter)
+    ref, optim = sft.trainable_state(model), rl.grpo_optimizer(model, cfg)
+    adapter, rounds = args.init_adapter, []
+    gate = adapters.setting(load_config(), "min_content_kept", args.init_adapter)
+    engine = LlamaEngine(model_path, n_ctx=2048, adapter_path=adapter)
+    for r, k in enumerate(args.curriculum, start=1):
+        t0 = time.perf_counter()
+        stage = [rl.with_context(ex, k, template) for ex in pool]
+        engine.set_adapter(adapter)
+        rolls = rl.sampled_rollouts(engine, stage, template, n=args.samples, temperature=args.temperature,
+                                    min_kept=gate, seed=1000 * r, on_progress=progress_printer())
+        write_rollouts(args.run_dir / f"rollouts{r}.jsonl", rolls)
+        figures: dict = {"round": r, "k": k, "rollouts": rl.summary(rolls, []),
+                         "rollout_s": round(time.perf_counter() - t0, 1)}
+        figures["train"] = rl.grpo_update(model, tok, rolls, ref, optim, cfg)
+        adapter = export.export_gguf(model, args.run_dir / f"round{r}.gguf", meta={
+            "base_sha256": sha256(model_path),
+            "data": f"LaMP-7 dev users {dataset.EVAL_USERS + args.offset}+, GRPO round {r} (k={k})",
+        })
+        figures["val"] = score(model, tok, val, model_path) if val else None
+        figures["wall_s"] = round(time.perf_counter() - t0, 1)
+        rounds.append(figures)
+        report(args, scored, rounds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(adapter, args.out)
 
 
 def one_round(args: argparse.Namespace, model_path: Path, adapter: Path, pool: list[dataset.Example],
@@ -141,12 +202,13 @@ def examples(args: argparse.Namespace, model_path: Path) -> tuple[list, list, li
     for name in ("retrieval.db", "augment.db"):
         (args.run_dir / name).unlink(missing_ok=True)
     with Store.open(args.run_dir / "retrieval.db") as store:
-        lamp = dataset.lamp_examples(rows, store, template, min_kept=0.0)
+        lamp = dataset.lamp_examples(rows, store, template, k=args.k, min_kept=0.0)
     extra: list[dataset.Example] = []
     if args.augment:
         paraphrases = backtranslate.read_paraphrases(args.paraphrases or args.run_dir / "paraphrases.jsonl")
         with Store.open(args.run_dir / "augment.db") as store:
-            extra = backtranslate.augmented_examples(train_rows, paraphrases, store, template, per_user=args.augment)
+            extra = backtranslate.augmented_examples(train_rows, paraphrases, store, template,
+                                                     per_user=args.augment, k=args.k)
         random.Random(0).shuffle(extra)
     out = ([ex for ex in lamp if ex.user not in held], extra, [ex for ex in lamp if ex.user in held])
     for path, part in zip(paths, out, strict=True):
@@ -169,8 +231,22 @@ def rollouts(args: argparse.Namespace, model_path: Path, adapter: Path,
         deadline = time.monotonic() + args.budget_s if args.budget_s else None
         rolls = rl.torch_rollouts(model, tok, pool, dataset.gguf_chat_template(model_path), n=args.samples, temperature=args.temperature,
                                   min_kept=adapters.setting(config, "min_content_kept", None), deadline=deadline, seed=r)
-    atomic_write_text(path, "".join(json.dumps(asdict(x), ensure_ascii=False) + "\n" for x in rolls))
+    write_rollouts(path, rolls)
     return rolls
+
+
+def write_rollouts(path: Path, rolls: list[rl.Rollout]) -> None:
+    atomic_write_text(path, "".join(json.dumps(asdict(x), ensure_ascii=False) + "\n" for x in rolls))
+
+
+def progress_printer() -> Callable[[int, int], None]:
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        eta = (time.perf_counter() - t0) / done * (total - done)
+        print(f"rollouts {done}/{total}, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+    return progress
 
 
 def llama_rollouts(args: argparse.Namespace, model_path: Path, adapter: Path,
@@ -178,19 +254,14 @@ def llama_rollouts(args: argparse.Namespace, model_path: Path, adapter: Path,
     from rpo_local.engine import LlamaEngine
 
     engine = LlamaEngine(model_path, n_ctx=2048, adapter_path=adapter)
-    t0 = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        eta = (time.perf_counter() - t0) / done * (total - done)
-        print(f"rollouts {done}/{total}, ETA {eta:.0f}s", file=sys.stderr, flush=True)
-
-    return rl.rollouts(engine, pool, config, n=args.samples, temperature=args.temperature, on_progress=progress)
+    return rl.rollouts(engine, pool, config, n=args.samples, temperature=args.temperature,
+                       on_progress=progress_printer())
 
 
 def adapter_model(model_path: Path, args: argparse.Namespace, adapter: Path) -> tuple[Any, Any]:
     """The base model in torch with `adapter` loaded, on --device."""
     model, tok = sft.load_base(model_path, device=args.device)
-    model, _ = sft.with_lora(model, sft.SFTConfig(init_adapter=str(adapter)))
+    model, _ = sft.with_lora(model, sft.SFTConfig(init_adapter=str(adapter), top_layers=args.top_layers))
     return model, tok
 
 

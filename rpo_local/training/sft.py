@@ -235,17 +235,24 @@ def collate(rows: list[tuple[list[int], int]], idx: list[int], pad_id: int, devi
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def completion_loss(model: Any, batch: dict) -> Any:
-    """Summed cross-entropy over the completion tokens. The vocabulary projection runs only
-    where there is a label: most positions are prompt, and the 49k-wide logits dominate memory."""
+def completion_logprobs(model: Any, batch: dict) -> tuple[Any, Any]:
+    """(log-probability of each completion token, flattened; the row each belongs to). The
+    vocabulary projection runs only where there is a label: most positions are prompt, and the
+    49k-wide logits dominate memory."""
     import torch
 
     base = model.get_base_model()
     hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     where = targets != -100
-    logits = base.lm_head(hidden[:, :-1][where])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[where], reduction="sum")
+    logits = base.lm_head(hidden[:, :-1][where]).float()
+    logp = torch.log_softmax(logits, dim=-1).gather(1, targets[where].unsqueeze(1)).squeeze(1)
+    return logp, where.nonzero()[:, 0]
+
+
+def completion_loss(model: Any, batch: dict) -> Any:
+    """Summed cross-entropy over the completion tokens."""
+    return -completion_logprobs(model, batch)[0].sum()
 
 
 def data_digest(examples: Sequence[Example]) -> str:
@@ -350,7 +357,7 @@ def peak_rss_mb() -> float:
     return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
 
 
-def _trainable_state(model: Any) -> dict:
+def trainable_state(model: Any) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -358,7 +365,7 @@ def _save(path: Path, fingerprint: str, step: int, model: Any, optim: Any, sched
     import torch
 
     tmp = path.with_suffix(".tmp")
-    torch.save({"fingerprint": fingerprint, "step": step, "lora": _trainable_state(model),
+    torch.save({"fingerprint": fingerprint, "step": step, "lora": trainable_state(model),
                 "optim": optim.state_dict(), "sched": sched.state_dict(), "losses": losses,
                 "rng": torch.get_rng_state()}, tmp)
     os.replace(tmp, path)
