@@ -96,11 +96,14 @@ def compare(reflector, plain, raw, runs: int) -> dict:
         items = [it["text"] for it in retrieve(reflector.store, "alex", text, reflector.config.k)]
         prompt = prompts.reflection_prompt(template, text, items, fmt)
         start = time.perf_counter()
-        out = raw.create_completion(prompt, max_tokens=r.completion_tokens, temperature=0.0, logit_bias=never_stop)
+        first, raw_tokens = None, 0
+        for _ in raw.create_completion(prompt, max_tokens=r.completion_tokens, temperature=0.0,
+                                       logit_bias=never_stop, stream=True):
+            first, raw_tokens = first or time.perf_counter(), raw_tokens + 1
         raw_s = time.perf_counter() - start
         rows.append({
-            "rpo_s": r.total_s, "plain_s": p.total_s, "raw_s": raw_s,
-            "tokens": r.completion_tokens, "raw_tokens": out["usage"]["completion_tokens"],
+            "rpo_s": r.total_s, "plain_s": p.total_s, "raw_s": raw_s, "raw_prompt_s": (first or start) - start,
+            "tokens": r.completion_tokens, "raw_tokens": raw_tokens, "prompt_s": r.prompt_s,
             "same_output": r.rewrite == p.rewrite, "gen_s": r.gen_s, "plain_gen_s": p.gen_s,
         })
     drafted = spec_engine.decode_stats.drafted - stats0[0]
@@ -114,6 +117,12 @@ def compare(reflector, plain, raw, runs: int) -> dict:
         "raw_p50_s": round(statistics.median(row["raw_s"] for row in rows), 3),
         "plain_rewrite_p50_s": round(statistics.median(row["plain_s"] for row in rows), 3),
         "raw_tokens": statistics.median(row["raw_tokens"] for row in rows),
+        # Where the time goes: reading prompts (to the first token) in rpo and in raw, and rpo's
+        # own work outside llama.cpp (retrieval, segmenting, prompt building, the content checks).
+        "rpo_prompt_p50_s": round(statistics.median(row["prompt_s"] for row in rows), 3),
+        "raw_prompt_p50_s": round(statistics.median(row["raw_prompt_s"] for row in rows), 3),
+        "rpo_outside_llama_p50_s": round(statistics.median(
+            row["rpo_s"] - row["prompt_s"] - row["gen_s"] for row in rows), 4),
         "draft_acceptance": round(accepted / drafted, 3) if drafted else None,
         "drafted_tokens": drafted,
         # Generation after the first token, over all phases of the rewrite.
