@@ -145,7 +145,8 @@ def grpo(args: argparse.Namespace, model_path: Path, pool: list[dataset.Example]
         rolls = rl.sampled_rollouts(engine, stage, template, n=args.samples, temperature=args.temperature,
                                     min_kept=gate, seed=1000 * r, on_progress=progress_printer())
         write_rollouts(args.run_dir / f"rollouts{r}.jsonl", rolls)
-        figures: dict = {"round": r, "k": k, "rollouts": rl.summary(rolls, []),
+        sampled = {key: v for key, v in rl.summary(rolls, []).items() if key != "kept"}  # kept: RAFT's
+        figures: dict = {"round": r, "k": k, "rollouts": sampled,
                          "rollout_s": round(time.perf_counter() - t0, 1)}
         figures["train"] = rl.grpo_update(model, tok, rolls, ref, optim, cfg)
         adapter = export.export_gguf(model, args.run_dir / f"round{r}.gguf", meta={
