@@ -1,4 +1,5 @@
-"""The RL stage (reward-ranked fine-tuning): rollouts, rewards and selection.
+"""The RL stage: reward-ranked fine-tuning (rollouts, rewards, selection) and GRPO with the
+multi-context curriculum (advantages, sampled rollouts, the update on a tiny random llama).
 
 Unit tests script the samples with the fake engine; the model-marked test samples from the real
 embedded model through llama.cpp with the shipped adapter.

@@ -284,7 +284,9 @@ def grpo_update(model: Any, tok: Any, rolls: Sequence[Rollout], ref: dict, optim
     rows, advs, skipped = [], [], 0
     for ex, adv in grpo_rows(rolls):
         encoded, too_long = sft.encode(tok, [ex], cfg.max_len)
-        rows, advs, skipped = rows + encoded, advs + [adv] * len(encoded), skipped + too_long
+        rows += encoded
+        advs += [adv] * len(encoded)
+        skipped += too_long
     if not rows:
         return {"samples": 0, "skipped_too_long": skipped, "steps": 0}
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
