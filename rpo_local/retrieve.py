@@ -222,7 +222,7 @@ def _load(store: Store, pid: int, embedder: Any, stamp: tuple[int, int]) -> Dens
 def _query_vector(embedder: Any, model_id: str, text: str) -> np.ndarray:
     """The vector of a text being rewritten, kept for the next retrieval of the same text
     (retries, or dense and hybrid on one text); `model_id` keys it as the vectors do."""
-    return embedder.encode([text])[0]
+    return embedder.encode_query(text)
 
 
 def _say_once(message: str) -> None:

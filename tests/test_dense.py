@@ -5,6 +5,7 @@ logic; the `model` tests run the real all-MiniLM-L6-v2, exported to ONNX once pe
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -53,6 +54,9 @@ class TopicEmbedder:
                 out[row, dim] = sum(w in text.lower() for w in words)
             out[row, -1] = 0.01  # never all zero
         return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def encode_query(self, text: str) -> np.ndarray:
+        return self.encode([text])[0]
 
 
 @pytest.fixture
@@ -261,6 +265,38 @@ def test_export_is_complete_and_matches_sentence_transformers_pooling(onnx_dir, 
     int8 = embed.Embedder("int8", onnx_dir)
     assert int8.model_id != real.model_id  # a variant change recomputes the vectors
     assert (int8.encode(texts) * want).sum(axis=1).min() > 0.8
+
+
+@pytest.mark.model
+def test_queries_run_on_the_per_channel_int8_copy(onnx_dir, real):
+    texts = ["Remember to pack your passport before the trip.", "my dog ate my homework"]
+    assert real.query_variant == "int8"
+    items, queries = real.encode(texts), np.stack([real.encode_query(t) for t in texts])
+    int8 = embed.Embedder("int8", onnx_dir)  # one text a run: dynamic quantization scales by the batch
+    assert np.allclose(queries, np.concatenate([int8.encode([t]) for t in texts]), atol=1e-5)
+    assert not np.allclose(queries, items, atol=1e-3)
+    assert (queries * items).sum(axis=1).min() > 0.97  # per channel: close to fp32
+
+
+@pytest.mark.model
+def test_an_export_with_per_tensor_int8_is_requantized_in_place(onnx_dir, tmp_path):
+    import shutil
+
+    old = tmp_path / embed.MODEL_NAME
+    shutil.copytree(onnx_dir, old)
+    manifest = json.loads((old / embed.MANIFEST).read_text())
+    del manifest["int8"]  # what an export before per-channel quantization wrote
+    manifest["sha256"]["int8"] = "stale"
+    (old / embed.MANIFEST).write_text(json.dumps(manifest))
+    assert embed.Embedder("fp32", old).query_variant == "fp32"  # the old int8 copy is not used
+
+    assert embed.export(old) == old  # no torch needed: onnxruntime's quantizer alone
+    upgraded = json.loads((old / embed.MANIFEST).read_text())
+    assert upgraded["int8"] == embed.INT8_SCHEME
+    assert upgraded["sha256"]["int8"] == embed._sha256(old / embed.FILES["int8"]) != "stale"
+    assert upgraded["sha256"]["fp32"] == manifest["sha256"]["fp32"]
+    assert sorted(p.name for p in old.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+    assert embed.Embedder("fp32", old).query_variant == "int8"
 
 
 @pytest.mark.model

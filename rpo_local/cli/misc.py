@@ -122,7 +122,7 @@ def _retrieval(config: Config, profile: str, report: dict) -> dict:
     if info["problem"] is None:
         try:
             embedder = embed.get_embedder()
-            info.update(model=embedder.model_id, provider=embedder.provider)
+            info.update(model=embedder.model_id, query=embedder.query_variant, provider=embedder.provider)
             if report.get("profile_exists"):
                 with open_store() as store:
                     pid = store.get_profile(profile).id
@@ -180,7 +180,8 @@ def _retrieval_line(info: dict) -> str:
     if info.get("problem"):
         return f"{info['retriever']} (dense: {info['problem']})"
     left = f", {info['not_embedded']} item(s) not embedded" if info.get("not_embedded") else ""
-    return f"{info['retriever']} (dense: {info.get('model')} on {info.get('provider')}{left})"
+    query = f", queries in {info['query']}" if info.get("query") else ""
+    return f"{info['retriever']} (dense: {info.get('model')} on {info.get('provider')}{query}{left})"
 
 
 def _print_report(report: dict) -> None:
