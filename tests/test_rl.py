@@ -22,6 +22,7 @@ from fakes import SMOLLM2_TEMPLATE, FakeEngine
 from rpo_local import paths, prompts
 from rpo_local.config import load_config
 from rpo_local.evaluate import rouge
+from rpo_local.models import gguf_metadata
 from rpo_local.training import dataset, rl
 
 EOT = "<|im_end|>"  # SmolLM2's end of turn (prompts.end_of_turn of its template)
@@ -188,6 +189,7 @@ def test_rl_general_adapter_script_with_torch_rollouts(tmp_path, lamp7, rpo_home
     assert round1["rollouts"]["kept"] == len(kept) == round1["train"]["examples"] >= 1
     assert (tmp_path / "out.gguf").read_bytes() == (run / "round1.gguf").read_bytes()
     verify_adapter(embedded_model_path(), run / "round1.gguf")
+    assert gguf_metadata(run / "round1.gguf")["rpo.trajectory"] == "full"  # the init adapter's
 
 
 @pytest.mark.model
@@ -399,15 +401,17 @@ def test_a_group_whose_samples_score_the_same_teaches_nothing():
 @pytest.mark.train
 def test_rl_general_adapter_script_with_grpo_and_the_curriculum(tmp_path, lamp7, rpo_home):
     """train/rl_general_adapter.py --method grpo, tiny: one round per curriculum stage, rollouts
-    in llama.cpp with that stage's number of retrieved items, an adapter llama.cpp loads."""
+    in llama.cpp with that stage's number of retrieved items, an adapter llama.cpp loads. It
+    starts from the answer-only adapter: prompts, samples and the adapters written keep that
+    format (a run once prompted an answer-only adapter for the full trajectory)."""
     from rpo_local.lora_runtime import verify_adapter
     from rpo_local.models import embedded_model_path
 
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "train/rl_general_adapter.py", "--method", "grpo", "--curriculum", "1,2",
-         "--lamp", str(lamp7), "--init-adapter", "rpo_local/assets/reflect-lamp7.lora.gguf", "--examples", "2",
-         "--samples", "3", "--temperature", "1.0", "--top-layers", "2", "--lr", "1e-4",
+         "--lamp", str(lamp7), "--init-adapter", "rpo_local/assets/reflect-lamp7-answer.lora.gguf",
+         "--examples", "2", "--samples", "3", "--temperature", "1.0", "--top-layers", "2", "--lr", "1e-4",
          "--run-dir", str(run), "--out", str(tmp_path / "out.gguf")],
         capture_output=True, text=True, cwd=ROOT, timeout=900,
     )
@@ -419,7 +423,11 @@ def test_rl_general_adapter_script_with_grpo_and_the_curriculum(tmp_path, lamp7,
         rolls = [json.loads(line) for line in (run / f"rollouts{r}.jsonl").read_text().splitlines()]
         assert len(rolls) == len(lamp) and all(len(x["samples"]) == 3 for x in rolls)
         assert all(x["example"]["context"] == ex.context[:k] for x, ex in zip(rolls, lamp, strict=True))
+        assert all(x["example"]["prompt"].endswith(prompts.ANSWER_OPEN) for x in rolls)
+        assert not any("<style>" in smp["completion"] for x in rolls for smp in x["samples"])
         figures = summary["rounds"][r - 1]
         assert figures["rollouts"]["samples"] == 3 * len(lamp) and figures["train"]["samples"] <= 3 * len(lamp)
     assert (tmp_path / "out.gguf").read_bytes() == (run / "round2.gguf").read_bytes()
     verify_adapter(embedded_model_path(), run / "round2.gguf")
+    assert all(ex.fmt == "answer" for ex in lamp)
+    assert gguf_metadata(run / "round2.gguf")["rpo.trajectory"] == "answer"

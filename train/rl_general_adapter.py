@@ -52,7 +52,7 @@ from rpo_local.config import load_config
 from rpo_local.fsutil import atomic_write_text
 from rpo_local.models import resolve_model_path, sha256
 from rpo_local.store import Store
-from rpo_local.training import backtranslate, dataset, export, rl, sft
+from rpo_local.training import backtranslate, dataset, export, pipeline, rl, sft
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +96,9 @@ def main() -> None:
     if args.method == "grpo":
         args.k = max(args.curriculum)
     args.lr = args.lr or (rl.GRPOConfig.lr if args.method == "grpo" else 5e-4)
+    # The format the init adapter was trained on (`rpo train`'s rule): its prompts, its
+    # completions, and the format recorded in every adapter written here.
+    args.format = pipeline.training_format(load_config(), args.init_adapter)
     lamp, extra, val = examples(args, model_path)
     print(f"{len(lamp)} LaMP pairs + {len(extra)} history items to sample, {len(val)} to validate",
           file=sys.stderr)
@@ -150,7 +153,7 @@ def grpo(args: argparse.Namespace, model_path: Path, pool: list[dataset.Example]
                          "rollout_s": round(time.perf_counter() - t0, 1)}
         figures["train"] = rl.grpo_update(model, tok, rolls, ref, optim, cfg)
         adapter = export.export_gguf(model, args.run_dir / f"round{r}.gguf", meta={
-            "base_sha256": sha256(model_path),
+            "base_sha256": sha256(model_path), "trajectory": args.format,
             "data": f"LaMP-7 dev users {dataset.EVAL_USERS + args.offset}+, GRPO round {r} (k={k})",
         })
         figures["val"] = score(model, tok, val, model_path) if val else None
@@ -180,7 +183,7 @@ def one_round(args: argparse.Namespace, model_path: Path, adapter: Path, pool: l
     base = sft.load_base(model_path, device=args.device)
     model, result = sft.train(model_path, kept, args.run_dir / f"round{r}", cfg, base=base)
     trained = export.export_gguf(model, args.run_dir / f"round{r}.gguf", meta={
-        "base_sha256": sha256(model_path),
+        "base_sha256": sha256(model_path), "trajectory": args.format,
         "data": f"LaMP-7 dev users {dataset.EVAL_USERS + args.offset}+, RL round {r}: {len(kept)}/{len(rolls)} kept",
     })
     figures["train"] = {k: v for k, v in result.to_dict().items() if k != "losses"}
@@ -195,7 +198,9 @@ def examples(args: argparse.Namespace, model_path: Path) -> tuple[list, list, li
     what is learned. The --val users are neither sampled nor trained on."""
     paths = [args.run_dir / f"{name}.jsonl" for name in ("lamp", "augment", "val")]
     if all(p.exists() for p in paths):
-        return tuple(dataset.read_jsonl(p) for p in paths)
+        cached = tuple(dataset.read_jsonl(p) for p in paths)
+        if all(ex.fmt == args.format for part in cached for ex in part):
+            return cached
     rows = dataset.read_lamp(args.lamp, skip=dataset.EVAL_USERS + args.offset, limit=args.examples)
     held = {str(row["id"]) for row in rows[len(rows) - args.val:]} if args.val else set()
     train_rows = [row for row in rows if str(row["id"]) not in held]
@@ -203,13 +208,13 @@ def examples(args: argparse.Namespace, model_path: Path) -> tuple[list, list, li
     for name in ("retrieval.db", "augment.db"):
         (args.run_dir / name).unlink(missing_ok=True)
     with Store.open(args.run_dir / "retrieval.db") as store:
-        lamp = dataset.lamp_examples(rows, store, template, k=args.k, min_kept=0.0)
+        lamp = dataset.lamp_examples(rows, store, template, k=args.k, min_kept=0.0, fmt=args.format)
     extra: list[dataset.Example] = []
     if args.augment:
         paraphrases = backtranslate.read_paraphrases(args.paraphrases or args.run_dir / "paraphrases.jsonl")
         with Store.open(args.run_dir / "augment.db") as store:
             extra = backtranslate.augmented_examples(train_rows, paraphrases, store, template,
-                                                     per_user=args.augment, k=args.k)
+                                                     per_user=args.augment, k=args.k, fmt=args.format)
         random.Random(0).shuffle(extra)
     out = ([ex for ex in lamp if ex.user not in held], extra, [ex for ex in lamp if ex.user in held])
     for path, part in zip(paths, out, strict=True):
