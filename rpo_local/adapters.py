@@ -73,9 +73,12 @@ def builtin_adapter_path(model_path: Path | None = None) -> Path | None:
 
 
 def builtin_name(path: str | Path | None) -> str | None:
-    """The shipped adapter's name if `path` is one."""
+    """The shipped adapter's name if `path` is one (as given: relative, absolute or via a link)."""
+    if not path:
+        return None
+    where = Path(path).resolve()
     for name, (file, _) in BUILTINS.items():
-        if path and Path(path) == asset_path(file):
+        if where == asset_path(file).resolve():
             return name
     return None
 

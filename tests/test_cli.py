@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -202,6 +203,9 @@ def test_gate_and_piece_words_follow_the_adapter_unless_configured(cli, rpo_home
     assert cli("config", "set", "piece_words", "auto").code == 0 and load_config().piece_words is None
     monkeypatch.setenv("RPO_MIN_CONTENT_KEPT", "auto")
     assert load_config().min_content_kept is None
+    # the same file named relative to the working directory (as the train scripts take it)
+    monkeypatch.chdir(shipped.parent.parent)
+    assert adapters.setting(auto, "min_content_kept", Path(shipped.parent.name) / shipped.name) == 0.1
 
 
 def test_max_queued_requests_is_a_checked_setting(cli, rpo_home, monkeypatch):
