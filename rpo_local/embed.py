@@ -90,7 +90,8 @@ def export(directory: Path | None = None) -> Path:
     interrupted export leaves nothing that looks usable."""
     target = directory or model_dir()
     if (manifest := _manifest(target)) is not None:
-        if manifest.get("int8") != INT8_SCHEME:
+        # onnxruntime's quantizer needs `onnx` (the export extra): without it queries stay fp32.
+        if manifest.get("int8") != INT8_SCHEME and not missing(("onnx",)):
             _requantize(target, manifest)
         return target
     require("retrieval-export", "exporting the embedding model")
@@ -133,7 +134,7 @@ def _quantize(source: Path, target: Path) -> None:
 
 def _requantize(target: Path, manifest: dict) -> None:
     """Replace an earlier export's int8 copy (one scale per tensor) with the per-channel one:
-    onnxruntime alone does it, in seconds; each file is renamed into place when complete."""
+    onnxruntime's quantizer does it in seconds; each file is renamed into place when complete."""
     tmp = target / f".{FILES['int8']}.tmp"
     try:
         _quantize(target / FILES["fp32"], tmp)
