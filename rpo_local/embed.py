@@ -135,7 +135,7 @@ def _quantize(source: Path, target: Path) -> None:
 def _requantize(target: Path, manifest: dict) -> None:
     """Replace an earlier export's int8 copy (one scale per tensor) with the per-channel one:
     onnxruntime's quantizer does it in seconds; each file is renamed into place when complete."""
-    tmp = target / f".{FILES['int8']}.tmp"
+    tmp = target / f".{FILES['int8']}.{os.getpid()}.tmp"  # two processes upgrading at once never share one
     try:
         _quantize(target / FILES["fp32"], tmp)
         manifest = {**manifest, "int8": INT8_SCHEME,
