@@ -13,7 +13,7 @@
   graph's recall@k against exact search, queried with the tuning users' inputs.
 - The items' vectors are real-ish: mixtures of two of `--realish` embedded LaMP-7 tweets (users
   100-1045) plus noise, so they cluster as a history's texts do. Random unit vectors, which the
-  bench used before, have no neighbourhoods: a graph search wanders (0.24 recall, 2-4x slower).
+  bench used before, have no neighbourhoods: a graph search wanders (0.24 recall, 2-3x slower).
 
 Texts are read from ../shared/data/lamp7/ at run time and never printed or copied; users 0-99
 (evaluation) are not used. Run: nice -n 19 .venv/bin/python bench/bench_retrieve.py [--lamp FILE] [--latency-only]
