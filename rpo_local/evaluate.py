@@ -458,6 +458,36 @@ def _check_adapter(engine: Engine, path: Path) -> None:
     engine.set_adapter(before)
 
 
+@contextmanager
+def user_store(path: Path) -> Iterator[Store]:
+    """A throw-away store for one LaMP user: durability off (it is deleted right after), its
+    files removed on exit."""
+    from rpo_local.store import Store
+
+    try:
+        with Store.open(path, durable=False) as store:
+            yield store
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def load_profile(store: Store, task: str, user: lamp.LampUser, retriever: str) -> dict[str, dict]:
+    """`user`'s profile as history items of `PROFILE`, in profile order (later entries count as
+    newer), embedded where `retriever` needs vectors; returns the profile entries by text."""
+    kind = lamp.TASKS[task].kind
+    start = datetime(2000, 1, 1, tzinfo=UTC)
+    items, by_text = [], {}
+    for i, entry in enumerate(user.profile):
+        text = lamp.item_text(task, entry)
+        by_text.setdefault(text.strip(), entry)
+        items.append({"text": text, "kind": kind, "created_at": (start + timedelta(seconds=i)).isoformat()})
+    store.add_items(PROFILE, items)
+    if retriever != "bm25" and embed.problem() is None:  # else retrieval says why it uses BM25
+        embed.embed_missing(store, PROFILE, embed.get_embedder())
+    return by_text
+
+
 class _Runner:
     """Runs the methods for one user at a time on the shared engine."""
 
@@ -512,8 +542,8 @@ class _Runner:
         result = UserResult(user.id, user.output)
         question = lamp.query_text(self.task, user.input)
         needs_store = any(m in ("context", *REWRITE_METHODS) for m in methods)
-        with self._store(db_path) if needs_store else nullcontext() as store:
-            by_text = self._load_profile(store, user) if store is not None else {}
+        with user_store(db_path) if needs_store else nullcontext() as store:
+            by_text = load_profile(store, self.task, user, self.config.retriever) if store is not None else {}
             if any(m.endswith("+style") for m in methods):
                 self._vector = self._style_vector(user)
             base = None
@@ -536,32 +566,6 @@ class _Runner:
                 out.rouge1, out.rougeL = rouge(out.output, user.output)
                 result.outputs[method] = out
         return result
-
-    @contextmanager
-    def _store(self, path: Path) -> Iterator[Store]:
-        """A throw-away store: durability off (it is deleted right after), files removed on exit."""
-        from rpo_local.store import Store
-
-        try:
-            with Store.open(path, durable=False) as store:
-                yield store
-        finally:
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{path}{suffix}").unlink(missing_ok=True)
-
-    def _load_profile(self, store: Store, user: lamp.LampUser) -> dict[str, dict]:
-        """The user's profile as history items, in profile order (later entries count as newer)."""
-        kind = lamp.TASKS[self.task].kind
-        start = datetime(2000, 1, 1, tzinfo=UTC)
-        items, by_text = [], {}
-        for i, entry in enumerate(user.profile):
-            text = lamp.item_text(self.task, entry)
-            by_text.setdefault(text.strip(), entry)
-            items.append({"text": text, "kind": kind, "created_at": (start + timedelta(seconds=i)).isoformat()})
-        store.add_items(PROFILE, items)
-        if self.config.retriever != "bm25" and embed.problem() is None:  # else retrieval says why it uses BM25
-            embed.embed_missing(store, PROFILE, embed.get_embedder())
-        return by_text
 
     def _generate(self, user_message: str) -> MethodOutput:
         """The base model's answer to one user message (no personalization)."""
