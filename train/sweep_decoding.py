@@ -78,8 +78,12 @@ def consensus(candidates: list[str], hypotheses: list[str]) -> str:
     return max(hypotheses, key=lambda h: sum(r1(h, c) for c in candidates))
 
 
+def same_text(a: str, b: str) -> bool:
+    return a.split() == b.split()
+
+
 def rewritten(row: dict, cand: dict) -> bool:
-    return not cand["fallback"] and " ".join(cand["text"].split()) != " ".join(row["generic"].split())
+    return not cand["fallback"] and not same_text(cand["text"], row["generic"])
 
 
 def retry(row: dict) -> str:
@@ -116,13 +120,12 @@ def interval(value: tuple[float, float, float]) -> str:
 def table(rows: list[dict]) -> str:
     copy = [r1(row["generic"], row["gold"]) for row in rows]
     greedy = [r1(texts(row)[0], row["gold"]) for row in rows]
-    same = lambda a, b: " ".join(a.split()) == " ".join(b.split())  # noqa: E731
     lines = [f"{len(rows)} users, {len(rows[0]['candidates'])} candidates each; copy {sum(copy) / len(copy):.4f}",
              "| rule | ROUGE-1 | vs copy | vs greedy | rewritten |", "|---|---:|---:|---:|---:|"]
     for name, rule in RULES.items():
         picks = [rule(row) for row in rows]
         scores = [r1(p, row["gold"]) for p, row in zip(picks, rows, strict=True)]
-        share = sum(not same(p, row["generic"]) for p, row in zip(picks, rows, strict=True)) / len(rows)
+        share = sum(not same_text(p, row["generic"]) for p, row in zip(picks, rows, strict=True)) / len(rows)
         lines.append(f"| {name} | {sum(scores) / len(scores):.4f} | {interval(paired_bootstrap(scores, copy))} | "
                      f"{interval(paired_bootstrap(scores, greedy))} | {share:.0%} |")
     return "\n".join(lines)
