@@ -69,6 +69,30 @@ def test_refuses_the_evaluation_users(tmp_path):
     assert not (tmp_path / "c.jsonl").exists()
 
 
+def test_saved_candidates_drop_a_torn_line_and_refuse_other_settings(tmp_path):
+    sweep = _script()
+    settings = {"model": "m.gguf", "adapter": "a.gguf", "samples": 2, "temperature": 0.8, "retriever": "bm25", "k": 4}
+    row = {**_row("g", "t", ("x", False)), "settings": settings}
+    out = tmp_path / "c.jsonl"
+    out.write_text(json.dumps(row) + "\n" + '{"id": "2", "sett')  # killed mid-line
+    assert list(sweep.saved_rows(out, settings)) == ["1"]
+    assert out.read_text() == json.dumps(row) + "\n"  # the torn line is gone, the row kept
+    with pytest.raises(ValueError, match="other settings"):
+        sweep.saved_rows(out, {**settings, "samples": 6})
+    assert out.read_text() == json.dumps(row) + "\n"
+
+
+def test_other_settings_in_the_out_file_exit_2_and_leave_it_alone(tmp_path):
+    out = tmp_path / "c.jsonl"
+    text = json.dumps({**_row("g", "t", ("x", False)), "settings": {"model": "other.gguf"}}) + "\n"
+    out.write_text(text)
+    proc = subprocess.run([sys.executable, "train/sweep_decoding.py", "--model", "m.gguf", "--adapter", "a.gguf",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert "other settings" in proc.stderr
+    assert out.read_text() == text
+
+
 @pytest.mark.model
 def test_candidates_are_the_products_rewrites_and_a_rerun_resumes(tmp_path, lamp7):
     from dataclasses import replace

@@ -3,7 +3,8 @@
 For each LaMP user (tuning users 946-1045 by default; never the evaluation users 0-99), the
 product's own rewrite (`Reflector.rewrite`: retrieval, the adapter's gate and piece size) is
 written once greedily and `--samples` times sampled at `--temperature`, and saved to `--out`
-(JSON lines; a rerun resumes). Then each selection rule picks one of them per user:
+(JSON lines; a rerun with the same settings resumes). Then each selection rule picks one of
+them per user:
 
 - greedy: what `rpo rewrite` prints today;
 - consensus: minimum-Bayes-risk decoding, the candidate with the highest mean ROUGE-1 against
@@ -37,6 +38,7 @@ from rpo_local import lamp
 from rpo_local.config import load_config
 from rpo_local.engine import open_engine
 from rpo_local.evaluate import PROFILE, load_profile, paired_bootstrap, rouge, user_store
+from rpo_local.fsutil import atomic_write_text
 from rpo_local.reflect import Reflector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,30 +49,60 @@ def r1(a: str, b: str) -> float:
     return rouge(a, b)[0]
 
 
-def collect(args: argparse.Namespace) -> None:
-    """Write the candidates of every selected user not yet in `args.out`."""
+def run_settings(args: argparse.Namespace) -> dict:
+    """What makes candidates comparable: every row of an --out file was written with these."""
+    return {"model": Path(args.model).name, "adapter": args.adapter.name, "samples": args.samples,
+            "temperature": args.temperature, "retriever": args.retriever, "k": args.k}
+
+
+def saved_rows(path: Path, settings: dict) -> dict[str, dict]:
+    """The rows already in `path` by user id. A line cut short by a crash is dropped (the file is
+    rewritten without it); rows written with other settings are refused (ValueError)."""
+    if not path.exists():
+        return {}
+    rows: dict[str, dict] = {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if row.get("settings") != settings:
+            raise ValueError(f"{path} holds candidates written with other settings ({row.get('settings')}); "
+                             "give another --out file")
+        rows[row["id"]] = row
+    if len(rows) < len(lines):
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()))
+    return rows
+
+
+def collect(args: argparse.Namespace) -> list[dict]:
+    """The candidates of every selected user, written to `args.out` for those not there yet."""
     data = lamp.load_jsonl(args.lamp)
     users = lamp.select(data.users, offset=args.offset, limit=args.n)
-    done = {json.loads(line)["id"] for line in args.out.read_text().splitlines()} if args.out.exists() else set()
-    todo = [u for u in users if str(u.id) not in done]
-    if not todo:
-        return
-    config = replace(load_config(), retriever=args.retriever, k=args.k, temperature=0.0)
-    engine = open_engine(config, model=args.model, adapter=args.adapter)
-    settings = [config] + [replace(config, temperature=args.temperature, seed=1000 + i)
-                           for i in range(1, args.samples + 1)]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="rpo-decoding-") as tmp:
-        for user in tqdm(todo, desc="users", unit="user"):
-            generic = lamp.query_text(data.task, user.input).strip()
-            with user_store(Path(tmp) / "user.db") as store:
-                load_profile(store, data.task, user, config.retriever)
-                results = [Reflector(store, engine, cfg).rewrite(generic, PROFILE, k=args.k, log=False)
-                           for cfg in settings]
-            row = {"id": str(user.id), "generic": generic, "gold": user.output,
-                   "candidates": [{"text": r.rewrite.strip(), "fallback": r.fallback} for r in results]}
-            with args.out.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    settings = run_settings(args)
+    rows = saved_rows(args.out, settings)
+    todo = [u for u in users if str(u.id) not in rows]
+    if todo:
+        config = replace(load_config(), retriever=args.retriever, k=args.k, temperature=0.0)
+        engine = open_engine(config, model=args.model, adapter=args.adapter)
+        decodings = [config] + [replace(config, temperature=args.temperature, seed=1000 + i)
+                                for i in range(1, args.samples + 1)]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="rpo-decoding-") as tmp:
+            for user in tqdm(todo, desc="users", unit="user"):
+                generic = lamp.query_text(data.task, user.input).strip()
+                with user_store(Path(tmp) / "user.db") as store:
+                    load_profile(store, data.task, user, config.retriever)
+                    results = [Reflector(store, engine, cfg).rewrite(generic, PROFILE, k=args.k, log=False)
+                               for cfg in decodings]
+                row = rows[str(user.id)] = {
+                    "id": str(user.id), "settings": settings, "generic": generic, "gold": user.output,
+                    "candidates": [{"text": r.rewrite.strip(), "fallback": r.fallback} for r in results],
+                }
+                with args.out.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return [rows[str(u.id)] for u in users]
 
 
 def consensus(candidates: list[str], hypotheses: list[str]) -> str:
@@ -142,12 +174,16 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--retriever", default="bm25")
     ap.add_argument("-k", type=int, default=4)
-    ap.add_argument("--out", type=Path, required=True, help="candidates (JSON lines; a rerun resumes)")
+    ap.add_argument("--out", type=Path, required=True, help="candidates (JSON lines; a rerun with the same settings resumes)")
     args = ap.parse_args()
     if args.offset < 100:
         ap.error("users 0-99 are the evaluation users: choose decoding on others")
-    collect(args)
-    rows = [json.loads(line) for line in args.out.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if args.samples < 1 or args.n < 1:
+        ap.error("-n and --samples must be at least 1")
+    try:
+        rows = collect(args)
+    except ValueError as exc:
+        ap.error(str(exc))
     print(table(rows))
 
 
