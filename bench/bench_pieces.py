@@ -5,10 +5,10 @@ Variants of the piece-by-piece rewrite, each run on the same users (by default t
 document: per variant ROUGE-1/ROUGE-L, the paired difference to copy with its 95% bootstrap
 interval, the share of pieces rewritten, latency per reply and per piece.
 
-- `default`: the shipped settings (one sentence per piece, retrieval per piece);
+- `default`: the configured settings (shipped: one sentence per piece, the items retrieved once
+  for the whole reply, so llama.cpp reuses the prompt prefix the pieces share);
 - `paragraph`: short neighbouring sentences of a paragraph together, up to 30 words a piece;
-- `reply-retrieval`: the items retrieved once for the whole reply, the same for every piece
-  (llama.cpp then reuses the prompt prefix the pieces share);
+- `piece-retrieval`: the items retrieved for each piece by its own words (`retrieval_scope = piece`);
 - `neighbours`: the previous and the next piece shown to the model as context.
 
 Run: python bench/bench_pieces.py [--offset 946] [-n 24] [--variants default,sentence,...]
@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAMP7 = Path(os.environ.get("RPO_LAMP7", ROOT.parent / "shared" / "data" / "lamp7" / "dev.jsonl"))
-VARIANTS = ("default", "paragraph", "reply-retrieval", "neighbours")
+VARIANTS = ("default", "paragraph", "piece-retrieval", "neighbours")
 
 
 @contextmanager
@@ -36,20 +36,13 @@ def variant(name: str):
     """The product code with one setting changed (restored afterwards)."""
     from rpo_local import prompts, reflect, segment
 
-    saved = (segment.split, reflect.retrieve, prompts.reflection_user_message, reflect.Reflector.rewrite)
+    saved = (segment.split, prompts.reflection_user_message, reflect.Reflector.rewrite)
+    scope = os.environ.get("RPO_RETRIEVAL_SCOPE")
     try:
         if name == "paragraph":
             segment.split = functools.partial(saved[0], piece_words=30)
-        elif name == "reply-retrieval":
-            def rewrite(self, generic, profile=None, **kw):
-                k = self.config.k if kw.get("k") is None else kw["k"]
-                items = saved[1](self.store, profile, generic, k) if self.store is not None and k else []
-                reflect.retrieve = lambda *_a, **_k: items
-                try:
-                    return saved[3](self, generic, profile, **kw)
-                finally:
-                    reflect.retrieve = saved[1]
-            reflect.Reflector.rewrite = rewrite
+        elif name == "piece-retrieval":  # a config key: run_eval loads the config, environment included
+            os.environ["RPO_RETRIEVAL_SCOPE"] = "piece"
         elif name == "neighbours":
             def rewrite(self, generic, profile=None, **kw):
                 pieces = [s.plain for s in saved[0](generic) if s.prose]
@@ -57,7 +50,7 @@ def variant(name: str):
                 def message(piece, items):
                     i = pieces.index(piece) if piece in pieces else -1
                     around = [pieces[j] for j in (i - 1, i + 1) if i >= 0 and 0 <= j < len(pieces)]
-                    base = saved[2](piece, items)
+                    base = saved[1](piece, items)
                     if not around:
                         return base
                     head, tail = base.split("\n\nGeneric reply:\n", 1)
@@ -65,15 +58,19 @@ def variant(name: str):
 
                 prompts.reflection_user_message = message
                 try:
-                    return saved[3](self, generic, profile, **kw)
+                    return saved[2](self, generic, profile, **kw)
                 finally:
-                    prompts.reflection_user_message = saved[2]
+                    prompts.reflection_user_message = saved[1]
             reflect.Reflector.rewrite = rewrite
         elif name != "default":
             raise SystemExit(f"unknown variant {name!r}; use any of {', '.join(VARIANTS)}")
         yield
     finally:
-        segment.split, reflect.retrieve, prompts.reflection_user_message, reflect.Reflector.rewrite = saved
+        segment.split, prompts.reflection_user_message, reflect.Reflector.rewrite = saved
+        if scope is None:
+            os.environ.pop("RPO_RETRIEVAL_SCOPE", None)
+        else:
+            os.environ["RPO_RETRIEVAL_SCOPE"] = scope
 
 
 def main() -> None:

@@ -165,7 +165,11 @@ def main() -> None:
     engine = reflector.engine
     generic_tokens = engine.count_tokens(GENERIC)
     reflector.rewrite(WARM_REPLIES[-1], "alex", log=False)  # warm-up
-    results = [reflector.rewrite(WARM_REPLIES[i % len(WARM_REPLIES)], "alex", log=False) for i in range(args.runs)]
+    results, reused = [], []
+    for i in range(args.runs):
+        before = engine.decode_stats.reused
+        results.append(reflector.rewrite(WARM_REPLIES[i % len(WARM_REPLIES)], "alex", log=False))
+        reused.append(engine.decode_stats.reused - before)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the comparison models load
     lat = [r.total_s for r in results]
 
@@ -187,11 +191,15 @@ def main() -> None:
         "threads": engine.llm.context_params.n_threads,
         "generic_tokens": generic_tokens,
         "k": reflector.config.k,
+        "retrieval_scope": reflector.config.retrieval_scope,
         **figures,
         "warm_rewrite_p50_s": round(statistics.median(lat), 3),
         "warm_rewrite_p95_s": round(pct(lat, 0.95), 3),
         "prompt_tokens": statistics.median(r.prompt_tokens for r in results),
         "generated_tokens": statistics.median(r.completion_tokens for r in results),
+        "pieces": statistics.median(len(r.pieces) for r in results),
+        # Prompt tokens taken from the KV cache per rewrite (prefixes shared with the call before).
+        "prompt_tokens_reused": statistics.median(reused),
         # Prompt rate: reflection-prompt tokens over time to first token (the shared system
         # prefix comes from the KV cache, so this is the effective rate a user sees).
         "prompt_tok_s": round(sum(r.prompt_tokens for r in results) / sum(r.prompt_s for r in results), 1),

@@ -42,6 +42,11 @@ class Config:
     # piece, what the 135M model handles best; an adapter trained on whole tweets takes whole
     # ones). None ("auto"): the adapter's value, as for min_content_kept.
     piece_words: int | None = None
+    # What a reply's pieces are given as history: the items retrieved once by the whole reply's
+    # words ("reply": as the adapters were trained, and every piece's prompt starts alike, so
+    # llama.cpp reuses that prefix), or by each piece's own words ("piece"). "reply" was as good
+    # and 18% faster per reply on the tuning users (README "Whole replies").
+    retrieval_scope: str = "reply"
     # The profile's style vector (rpo_local.style, `rpo style build`) steers the rewrite next to
     # the adapter: style_scale x its direction added after blocks style_layers ("A-B", inclusive).
     # Scale and blocks chosen on the tuning users (bench/bench_style.py; 0.1 on every block
@@ -92,7 +97,8 @@ _RANGES = {
 }
 # Keys whose default is None ("auto": the adapter in use decides) and the type of their values.
 _AUTO = {"min_content_kept": float, "piece_words": int}
-_CHOICES = {"trajectory": ("auto", "full", "compact", "answer"), "retriever": RETRIEVERS, "device": devices.DEVICES}
+_CHOICES = {"trajectory": ("auto", "full", "compact", "answer"), "retriever": RETRIEVERS, "device": devices.DEVICES,
+            "retrieval_scope": ("piece", "reply")}
 
 
 def _coerce(name: str, value: object) -> object:

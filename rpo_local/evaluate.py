@@ -136,6 +136,7 @@ class EvalReport:
     seed: int
     max_tokens: int
     retriever: str = "bm25"
+    retrieval_scope: str = "piece"  # config.retrieval_scope: what a reply's pieces are given
     style: str | None = None  # "SCALE@FIRST-LAST" when a style method runs
     users: list[UserResult] = field(default_factory=list)
     partial: bool = False
@@ -148,6 +149,8 @@ class EvalReport:
         keys = ("task", "data", "methods", "offset", "k", "rpo_input", "model", "adapter", "seed", "max_tokens")
         # retriever only when not bm25: checkpoints written before it existed still match
         extra = {"retriever": self.retriever} if self.retriever != "bm25" else {}
+        if self.retrieval_scope != "piece":  # likewise
+            extra["retrieval_scope"] = self.retrieval_scope
         if self.style:
             extra["style"] = self.style
         return {"rpo_eval_checkpoint": 1, **{key: getattr(self, key) for key in keys}, **extra}
@@ -184,7 +187,7 @@ class EvalReport:
         doc = {
             "task": self.task, "data": self.data, "partial": self.partial,
             "users": self.selected, "completed": self.completed, "offset": self.offset, "limit": self.limit,
-            "k": self.k, "retriever": self.retriever, "rpo_input": self.rpo_input, "model": self.model, "adapter": self.adapter,
+            "k": self.k, "retriever": self.retriever, "retrieval_scope": self.retrieval_scope, "rpo_input": self.rpo_input, "model": self.model, "adapter": self.adapter,
             "decoding": {"temperature": 0.0, "seed": self.seed, "max_tokens": self.max_tokens},
             "wall_s": round(self.wall_s, 2), "resumed": self.resumed,
             "methods": [asdict(s) for s in self.summaries()],
@@ -367,7 +370,7 @@ def run_eval(
     report = EvalReport(
         task=data.task, data=data.source, methods=methods, selected=len(users), offset=offset, limit=limit,
         k=k, rpo_input=rpo_input, model=engine.model_path.name, adapter=str(adapter) if adapter else None,
-        seed=config.seed, max_tokens=max_tokens, retriever=config.retriever,
+        seed=config.seed, max_tokens=max_tokens, retriever=config.retriever, retrieval_scope=config.retrieval_scope,
         style=f"{config.style_scale}@{config.style_layers}" if any(m.endswith("+style") for m in methods) else None,
     )
     saved = _Checkpoint(Path(checkpoint), report.settings()) if checkpoint is not None else None

@@ -158,10 +158,13 @@ class Reflector:
         out: list[str] = []
         pos = 0
         with self.engine.lock:
+            shared = None
+            if self.config.retrieval_scope == "reply" and total > 1:  # once, by all the reply's prose
+                shared = self._retrieve(" ".join(s.plain for s in segments if s.prose), profile, k, retrieved)
             for seg in segments:
                 text = seg.text
                 if seg.prose:
-                    piece, traj = self._next_piece(seg, pos, profile, k, deadline, retrieved)
+                    piece, traj = self._next_piece(seg, pos, profile, k, deadline, retrieved, shared)
                     if piece.reason:
                         where = f"piece {len(pieces) + 1}/{total}: " if total > 1 else ""
                         note(f"{where}no usable rewrite ({piece.reason}); keeping the generic text")
@@ -200,17 +203,23 @@ class Reflector:
 
     def _next_piece(
         self, seg: segment.Segment, pos: int, profile: str, k: int, deadline: float | None,
-        retrieved: dict[int, dict],
+        retrieved: dict[int, dict], shared: list[dict] | None = None,
     ) -> tuple[PieceResult, dict]:
-        """The next piece: retrieval for it (collected in `retrieved`), then its rewrite."""
+        """The next piece: its rewrite with the reply's `shared` items, or with items retrieved
+        for it alone (collected in `retrieved`)."""
         if deadline is not None and time.monotonic() > deadline:
             piece = PieceResult(pos, pos + len(seg.text), seg.text, seg.text, False, TIME_BUDGET)
             return piece, {"piece": seg.plain, "rewritten": False, "problem": TIME_BUDGET}
+        items = shared if shared is not None else self._retrieve(seg.plain, profile, k, retrieved)
+        return self._rewrite_piece(seg, pos, items, profile)
+
+    def _retrieve(self, text: str, profile: str, k: int, retrieved: dict[int, dict]) -> list[dict]:
+        """The profile's items for `text`, by the retriever the adapter in use reads best."""
         how = adapters.retriever(self.config, getattr(self.engine, "adapter_path", None))
-        items = retrieve(self.store, profile, seg.plain, k, how) if self.store is not None and k else []
+        items = retrieve(self.store, profile, text, k, how) if self.store is not None and k else []
         for item in items:
             retrieved.setdefault(item["id"], item)
-        return self._rewrite_piece(seg, pos, items, profile)
+        return items
 
     def _rewrite_piece(
         self, seg: segment.Segment, pos: int, items: list[dict], profile: str

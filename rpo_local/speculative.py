@@ -41,6 +41,7 @@ class DecodeStats:
     drafted: int = 0  # tokens proposed by the drafter
     accepted: int = 0  # drafted tokens that greedy decoding confirmed
     decodes: int = 0  # llama_decode calls while generating
+    reused: int = 0  # prompt tokens found in the KV cache (a prefix shared with the previous call)
 
 
 class Drafter:
@@ -121,6 +122,7 @@ class GreedyDecoder:
         token included if reached (and last). The caller may stop early at any point."""
         llm = self.llm
         n_past = self._reuse_prefix(prompt)
+        self.stats.reused += n_past
         pending = list(prompt[n_past:])
         output: list[int] = []
         while len(output) < max_tokens:

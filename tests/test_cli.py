@@ -175,6 +175,11 @@ def test_paths_and_config(cli, rpo_home):
     assert json.loads(cli("config", "show", "--json").stdout)["k"] == 7
     assert cli("config", "set", "k", "seven").code == 9
     assert cli("config", "set", "nope", "1").code == 9
+    assert json.loads(cli("config", "show", "--json").stdout)["retrieval_scope"] == "reply"
+    bad = cli("config", "set", "retrieval_scope", "sentence")
+    assert bad.code == 9 and "must be one of piece, reply" in bad.stderr
+    assert cli("config", "set", "retrieval_scope", "piece").code == 0
+    assert json.loads(cli("config", "show", "--json").stdout)["retrieval_scope"] == "piece"
 
 
 def test_a_share_outside_0_to_1_is_refused_and_the_file_kept(cli, rpo_home, monkeypatch):

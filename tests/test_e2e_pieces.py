@@ -50,3 +50,31 @@ def test_a_multi_paragraph_reply_is_rewritten_piece_by_piece(rpo_home):
     assert isinstance(doc["trajectory"], list) and len(doc["trajectory"]) == len(pieces)
     logged = json.loads(rpo("log", "--profile", "alex", "--json").stdout)
     assert logged[0]["rewrite"] == out and logged[0]["input"] == reply
+
+
+def test_retrieval_once_per_reply_lets_llama_cpp_reuse_the_pieces_shared_prompt(store, real_engine):
+    from rpo_local import prompts
+    from rpo_local.config import Config
+    from rpo_local.reflect import Reflector
+
+    persona = [p.strip() for p in (DEMO / "persona-alex.txt").read_text().split("\n\n") if p.strip()]
+    store.add_items("alex", [{"text": t} for t in persona])
+    # Each sentence's words find another of alex's posts first.
+    reply = "The meeting could have been an email. My laptop fan is very loud today. I will get tacos after the fix."
+
+    def reused(scope: str) -> tuple[int, list]:
+        real_engine.llm.reset()
+        before = real_engine.decode_stats.reused
+        result = Reflector(store, real_engine, Config(retrieval_scope=scope, trajectory_tokens=24)).rewrite(
+            reply, "alex", log=False)
+        return real_engine.decode_stats.reused - before, result.pieces
+
+    by_piece, pieces = reused("piece")
+    assert len(pieces) == 3 and len({p.retrieved_ids[0] for p in pieces}) == 3
+    by_reply, pieces = reused("reply")
+    assert len({tuple(p.retrieved_ids) for p in pieces}) == 1
+    items = [it["text"] for it in store.get_items(pieces[0].retrieved_ids)]
+    prompt = prompts.reflection_prompt(real_engine.chat_template(), pieces[0].input, items)
+    history = real_engine.count_tokens(prompt[prompt.index("The user's writing:"): prompt.index("Generic reply:")])
+    # Pieces 2 and 3 read only their own text: the history (with the system prompt) comes from the cache.
+    assert by_reply - by_piece >= 2 * (history - 4), (by_reply, by_piece, history)

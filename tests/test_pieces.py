@@ -422,3 +422,26 @@ def test_rpo_rewrite_gives_back_a_long_list_byte_for_byte_when_nothing_is_rewrit
     r = cli_ann("rewrite", "--profile", "ann", "-t", stdin=text.encode())
     assert r.code == 0 and r.stdout == text
     assert "piece 41/41 (kept as it was): point 39: the" in r.stderr and "keeping the generic text" in r.stderr
+
+
+def test_retrieval_once_per_reply_gives_every_piece_the_same_history(store):
+    store.add_items("ann", [{"text": "the build broke again, pinned the dep"}, {"text": "pizza w/ the crew tonight"},
+                            {"text": "meeting moved to 3pm, whatever"}, {"text": "my cat knocked the plant over lol"}])
+    text = "The build failed overnight. The meeting is at three. My cat is fine."
+    engine = FakeEngine(lowercasing_responder)
+    by_piece = Reflector(store, engine, Config(k=1, retrieval_scope="piece")).rewrite(text, "ann")
+    ids = [p.retrieved_ids for p in by_piece.pieces]
+    assert len(ids) == 3 and len({tuple(i) for i in ids}) == 3  # each piece found its own item
+    engine.prompts.clear()
+    by_reply = Reflector(store, engine, Config(k=3, retrieval_scope="reply")).rewrite(text, "ann")
+    ids = [p.retrieved_ids for p in by_reply.pieces]
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 3  # one retrieval, by all the reply's words
+    assert {it["text"] for it in by_reply.retrieved} >= {"the build broke again, pinned the dep",
+                                                         "meeting moved to 3pm, whatever"}
+    assert by_reply.rewrite == text.lower()
+    # The pieces' prompts are the same up to the piece itself: llama.cpp reuses that prefix.
+    heads = {p[: p.index("Generic reply:")] for p in engine.prompts if p.endswith("<style>")}
+    assert len(heads) == 1
+    # A reply of one piece is retrieved for as before.
+    one = Reflector(store, engine, Config(k=1, retrieval_scope="reply")).rewrite("My cat is fine.", "ann")
+    assert one.pieces[0].retrieved_ids == by_piece.pieces[2].retrieved_ids
