@@ -92,7 +92,8 @@ def main() -> None:
         with variant(name):
             report = evaluate.run_eval(data, engine, methods=["copy", "rpo+adapter"], adapter=builtin_adapter_path())
         summary = report.summary("rpo+adapter")
-        out["variants"][name] = {**asdict(summary), "wall_s": round(report.wall_s, 1)}
+        out["variants"][name] = {**asdict(summary), "retrieval_scope": report.retrieval_scope,
+                                 "wall_s": round(report.wall_s, 1)}
         print(f"{name}: {json.dumps(out['variants'][name])}", file=sys.stderr, flush=True)
     print(json.dumps(out, indent=1))
 

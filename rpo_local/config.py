@@ -43,7 +43,7 @@ class Config:
     # ones). None ("auto"): the adapter's value, as for min_content_kept.
     piece_words: int | None = None
     # What a reply's pieces are given as history: the items retrieved once by the whole reply's
-    # words ("reply": as the adapters were trained, and every piece's prompt starts alike, so
+    # words ("reply": as the built-in adapters were trained, and every piece's prompt starts alike, so
     # llama.cpp reuses that prefix), or by each piece's own words ("piece"). "reply" was as good
     # and 18% faster per reply on the tuning users (README "Whole replies").
     retrieval_scope: str = "reply"

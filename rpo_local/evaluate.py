@@ -187,7 +187,8 @@ class EvalReport:
         doc = {
             "task": self.task, "data": self.data, "partial": self.partial,
             "users": self.selected, "completed": self.completed, "offset": self.offset, "limit": self.limit,
-            "k": self.k, "retriever": self.retriever, "retrieval_scope": self.retrieval_scope, "rpo_input": self.rpo_input, "model": self.model, "adapter": self.adapter,
+            "k": self.k, "retriever": self.retriever, "retrieval_scope": self.retrieval_scope,
+            "rpo_input": self.rpo_input, "model": self.model, "adapter": self.adapter,
             "decoding": {"temperature": 0.0, "seed": self.seed, "max_tokens": self.max_tokens},
             "wall_s": round(self.wall_s, 2), "resumed": self.resumed,
             "methods": [asdict(s) for s in self.summaries()],
@@ -370,7 +371,9 @@ def run_eval(
     report = EvalReport(
         task=data.task, data=data.source, methods=methods, selected=len(users), offset=offset, limit=limit,
         k=k, rpo_input=rpo_input, model=engine.model_path.name, adapter=str(adapter) if adapter else None,
-        seed=config.seed, max_tokens=max_tokens, retriever=config.retriever, retrieval_scope=config.retrieval_scope,
+        seed=config.seed, max_tokens=max_tokens, retriever=config.retriever,
+        # as for style: recorded only where it acts, so copy/base/context checkpoints still match
+        retrieval_scope=config.retrieval_scope if set(REWRITE_METHODS) & set(methods) else "piece",
         style=f"{config.style_scale}@{config.style_layers}" if any(m.endswith("+style") for m in methods) else None,
     )
     saved = _Checkpoint(Path(checkpoint), report.settings()) if checkpoint is not None else None

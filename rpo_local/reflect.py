@@ -154,17 +154,16 @@ class Reflector:
             note(f"rewriting {total} pieces in order")
         pieces: list[PieceResult] = []
         trajectories: list[dict] = []
-        retrieved: dict[int, dict] = {}
         out: list[str] = []
         pos = 0
+        # Retrieval once, by all the reply's prose, or by each piece's own words.
+        whole = " ".join(s.plain for s in segments if s.prose) if self.config.retrieval_scope == "reply" else None
+        found: dict[str, list[dict]] = {}  # the items by query: one retrieval per distinct query
         with self.engine.lock:
-            shared = None
-            if self.config.retrieval_scope == "reply" and total > 1:  # once, by all the reply's prose
-                shared = self._retrieve(" ".join(s.plain for s in segments if s.prose), profile, k, retrieved)
             for seg in segments:
                 text = seg.text
                 if seg.prose:
-                    piece, traj = self._next_piece(seg, pos, profile, k, deadline, retrieved, shared)
+                    piece, traj = self._next_piece(seg, pos, profile, k, deadline, found, whole or seg.plain)
                     if piece.reason:
                         where = f"piece {len(pieces) + 1}/{total}: " if total > 1 else ""
                         note(f"{where}no usable rewrite ({piece.reason}); keeping the generic text")
@@ -175,6 +174,9 @@ class Reflector:
                 if on_text:
                     on_text(text)
                 pos += len(seg.text)
+        retrieved: dict[int, dict] = {}  # every item used, first found first
+        for item in (it for items in found.values() for it in items):
+            retrieved.setdefault(item["id"], item)
         result = self._combine(profile, generic, "".join(out), pieces, trajectories, list(retrieved.values()), notes)
         result.total_s = time.perf_counter() - start
         if log and self.store is not None:
@@ -203,23 +205,17 @@ class Reflector:
 
     def _next_piece(
         self, seg: segment.Segment, pos: int, profile: str, k: int, deadline: float | None,
-        retrieved: dict[int, dict], shared: list[dict] | None = None,
+        found: dict[str, list[dict]], query: str,
     ) -> tuple[PieceResult, dict]:
-        """The next piece: its rewrite with the reply's `shared` items, or with items retrieved
-        for it alone (collected in `retrieved`)."""
+        """The next piece: the items for `query` (retrieved unless `found` has them), then its
+        rewrite. Nothing is retrieved for a piece past the deadline."""
         if deadline is not None and time.monotonic() > deadline:
             piece = PieceResult(pos, pos + len(seg.text), seg.text, seg.text, False, TIME_BUDGET)
             return piece, {"piece": seg.plain, "rewritten": False, "problem": TIME_BUDGET}
-        items = shared if shared is not None else self._retrieve(seg.plain, profile, k, retrieved)
-        return self._rewrite_piece(seg, pos, items, profile)
-
-    def _retrieve(self, text: str, profile: str, k: int, retrieved: dict[int, dict]) -> list[dict]:
-        """The profile's items for `text`, by the retriever the adapter in use reads best."""
-        how = adapters.retriever(self.config, getattr(self.engine, "adapter_path", None))
-        items = retrieve(self.store, profile, text, k, how) if self.store is not None and k else []
-        for item in items:
-            retrieved.setdefault(item["id"], item)
-        return items
+        if query not in found:
+            how = adapters.retriever(self.config, getattr(self.engine, "adapter_path", None))
+            found[query] = retrieve(self.store, profile, query, k, how) if self.store is not None and k else []
+        return self._rewrite_piece(seg, pos, found[query], profile)
 
     def _rewrite_piece(
         self, seg: segment.Segment, pos: int, items: list[dict], profile: str

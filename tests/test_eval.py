@@ -419,6 +419,20 @@ def test_checkpoint_resumes_after_finished_users(jsonl, tmp_path):
         evaluate.run_eval(data, FakeEngine(), methods=["copy", "rpo"], checkpoint=ckpt, k=1)
 
 
+def test_the_retrieval_scope_is_a_setting_of_rewrite_runs_only(jsonl, tmp_path):
+    from rpo_local.config import Config
+
+    data = lamp.load(jsonl)
+    ckpt = tmp_path / "run.ckpt.jsonl"
+    evaluate.run_eval(data, FakeEngine(), methods=["copy", "rpo"], checkpoint=ckpt, config=Config(retrieval_scope="piece"))
+    with pytest.raises(InputError, match="other settings \\(retrieval_scope\\)"):
+        evaluate.run_eval(data, FakeEngine(), methods=["copy", "rpo"], checkpoint=ckpt, config=Config())
+    report = evaluate.run_eval(data, FakeEngine(), methods=["copy", "rpo"], config=Config())
+    assert report.settings()["retrieval_scope"] == report.to_dict()["retrieval_scope"] == "reply"
+    copy_only = evaluate.run_eval(data, FakeEngine(), methods=["copy"], config=Config())
+    assert "retrieval_scope" not in copy_only.settings()  # it changes nothing there: old checkpoints match
+
+
 @pytest.mark.model
 def test_e2e_sigint_writes_partial_results(lamp7, tmp_path):
     """A real Ctrl-C (SIGINT) to a running `rpo eval`: exit 130, finished users written, marked partial."""

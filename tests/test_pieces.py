@@ -425,9 +425,12 @@ def test_rpo_rewrite_gives_back_a_long_list_byte_for_byte_when_nothing_is_rewrit
 
 
 def test_retrieval_once_per_reply_gives_every_piece_the_same_history(store):
+    from rpo_local.retrieve import retrieve
+
     store.add_items("ann", [{"text": "the build broke again, pinned the dep"}, {"text": "pizza w/ the crew tonight"},
-                            {"text": "meeting moved to 3pm, whatever"}, {"text": "my cat knocked the plant over lol"}])
-    text = "The build failed overnight. The meeting is at three. My cat is fine."
+                            {"text": "meeting moved to 3pm, whatever"}, {"text": "my cat knocked the plant over lol"},
+                            {"text": "new phone who dis"}, {"text": "ugh mondays"}])
+    text = "The build failed overnight.\n\n- The meeting is at three.\n\n```\necho pizza w crew tonight\n```\n\nMy cat is fine."
     engine = FakeEngine(lowercasing_responder)
     by_piece = Reflector(store, engine, Config(k=1, retrieval_scope="piece")).rewrite(text, "ann")
     ids = [p.retrieved_ids for p in by_piece.pieces]
@@ -435,13 +438,20 @@ def test_retrieval_once_per_reply_gives_every_piece_the_same_history(store):
     engine.prompts.clear()
     by_reply = Reflector(store, engine, Config(k=3, retrieval_scope="reply")).rewrite(text, "ann")
     ids = [p.retrieved_ids for p in by_reply.pieces]
-    assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 3  # one retrieval, by all the reply's words
-    assert {it["text"] for it in by_reply.retrieved} >= {"the build broke again, pinned the dep",
-                                                         "meeting moved to 3pm, whatever"}
-    assert by_reply.rewrite == text.lower()
+    assert ids[0] == ids[1] == ids[2]
+    # One search, by the words of every piece (not the code block), each item a match, not a filler.
+    whole = retrieve(store, "ann", "The build failed overnight. The meeting is at three. My cat is fine.", 3)
+    assert ids[0] == [it["id"] for it in whole] and all(it["score"] is not None for it in by_reply.retrieved)
+    assert by_reply.rewrite == text.replace("The", "the").replace("My", "my")
     # The pieces' prompts are the same up to the piece itself: llama.cpp reuses that prefix.
     heads = {p[: p.index("Generic reply:")] for p in engine.prompts if p.endswith("<style>")}
     assert len(heads) == 1
-    # A reply of one piece is retrieved for as before.
-    one = Reflector(store, engine, Config(k=1, retrieval_scope="reply")).rewrite("My cat is fine.", "ann")
-    assert one.pieces[0].retrieved_ids == by_piece.pieces[2].retrieved_ids
+
+
+def test_past_the_deadline_nothing_is_retrieved_for_the_reply(ann):
+    import time
+
+    result = Reflector(ann, FakeEngine(lowercasing_responder), Config(retrieval_scope="reply")).rewrite(
+        REPLY, "ann", deadline=time.monotonic() - 1)
+    assert not any(p.rewritten for p in result.pieces) and result.retrieved == []
+    assert result.rewrite == REPLY

@@ -51,8 +51,10 @@ def r1(a: str, b: str) -> float:
 
 def run_settings(args: argparse.Namespace) -> dict:
     """What makes candidates comparable: every row of an --out file was written with these."""
-    return {"model": Path(args.model).name, "adapter": args.adapter.name, "samples": args.samples,
-            "temperature": args.temperature, "retriever": args.retriever, "k": args.k}
+    settings = {"model": Path(args.model).name, "adapter": args.adapter.name, "samples": args.samples,
+                "temperature": args.temperature, "retriever": args.retriever, "k": args.k}
+    scope = load_config().retrieval_scope  # recorded unless per piece, as files before the key were written
+    return settings if scope == "piece" else {**settings, "retrieval_scope": scope}
 
 
 def saved_rows(path: Path, settings: dict) -> dict[str, dict]:
