@@ -95,9 +95,7 @@ def build(
             for idx, entry in _candidates(user.profile):
                 key = digest(entry)
                 if key not in known:
-                    # A paraphrase runs about as long as its tweet; more is the model answering.
-                    budget = 2 * engine.count_tokens(entry) + 8
-                    known[key] = dataset.paraphrase(engine, entry, max_tokens=budget)
+                    known[key] = dataset.paraphrase(engine, entry)
                     texts[key] = entry
                     backtranslate.write_paraphrases(cache, list(texts.values()), [known[k] for k in texts])
                 if usable(known[key], entry):
@@ -116,12 +114,10 @@ def build(
 
 def _read_cache(cache: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Tweets and their paraphrases by digest (backtranslate's file format); empty if none yet."""
-    import json
+    from rpo_local.training.backtranslate import read_pairs
 
-    if not cache.is_file():
-        return {}, {}
-    rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").split("\n") if line.strip()]
-    return {r["digest"]: r["text"] for r in rows}, {r["digest"]: r["paraphrase"] for r in rows}
+    pairs = read_pairs(cache) if cache.is_file() else {}
+    return {k: t for k, (t, _) in pairs.items()}, {k: p for k, (_, p) in pairs.items()}
 
 
 def _candidates(profile: Sequence[dict]) -> list[tuple[int, str]]:

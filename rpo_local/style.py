@@ -236,8 +236,7 @@ def neutral_versions(engine: Engine, texts: Sequence[str], cache: dict[str, str]
         engine.set_style(None)
         try:
             for n, text in enumerate(missing, 1):
-                # A paraphrase runs about as long as its text; more is the model answering.
-                cache[digest(text)] = paraphrase(engine, text, max_tokens=2 * engine.count_tokens(text) + 8)
+                cache[digest(text)] = paraphrase(engine, text)
                 if on_progress:
                     on_progress(n, len(missing))
         finally:

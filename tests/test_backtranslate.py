@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fakes import SMOLLM2_TEMPLATE
+from fakes import SMOLLM2_TEMPLATE, FakeEngine
 
 from rpo_local import prompts
 from rpo_local.store import digest
@@ -54,6 +54,43 @@ def test_paraphrase_cache_round_trips(tmp_path):
     assert backtranslate.profile_texts([_row("1", "x", "y", ["one", " ", "two", "three"])], 2) == ["one", "two"]
 
 
+def _neutral_of(prompt: str) -> str:
+    """A fake base model that paraphrases by upper-casing the text it is asked about."""
+    text = prompt.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]
+    return text.split("after it: ", 1)[-1].upper()
+
+
+def test_base_model_paraphrases_are_cached_as_they_come_and_resume(tmp_path):
+    texts = ["walking the dog lol", "so tired 2day", "walking the dog lol"]
+    calls: list[str] = []
+
+    def flaky(prompt: str) -> str:
+        calls.append(prompt)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second paraphrase
+        return _neutral_of(prompt)
+
+    cache = tmp_path / "p.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        backtranslate.paraphrase_with_engine(FakeEngine(flaky), texts, cache, progress=False)
+    first = backtranslate.read_paraphrases(cache)
+    assert list(first) == [digest(texts[0])]  # the finished one survived the interruption
+    engine = FakeEngine(_neutral_of)
+    done = backtranslate.paraphrase_with_engine(engine, texts, cache, progress=False)
+    assert len(engine.prompts) == 1  # only the missing text; the repeated one once
+    assert done == backtranslate.read_paraphrases(cache) == {digest(t): t.upper() for t in texts}
+    assert engine.prompts[0] == prompts.render_chat(SMOLLM2_TEMPLATE, prompts.neutral_paraphrase_messages(texts[1]))
+
+
+def test_a_paraphrase_runs_about_as_long_as_its_text():
+    """A base model that answers instead of paraphrasing is cut at twice the text's tokens."""
+    engine = FakeEngine(lambda prompt: "Sure! " + "and more " * 200)
+    text = "so tired 2day"
+    out = dataset.paraphrase(engine, text)
+    assert len(out) <= 3 * (2 * engine.count_tokens(text) + 8)  # the fake streams 3 characters a token
+    assert dataset.paraphrase(engine, text, max_tokens=2) == "Sure!"
+
+
 @pytest.mark.model
 @pytest.mark.train
 def test_batched_paraphrases_match_one_at_a_time(model_path):
@@ -74,9 +111,11 @@ def test_batched_paraphrases_match_one_at_a_time(model_path):
 
 @pytest.mark.model
 @pytest.mark.train
-def test_build_general_adapter_with_back_translation(tmp_path, lamp7):
-    """train/build_general_adapter.py --augment, tiny: neutralizer, paraphrases, the mixed
-    dataset, one SFT step, an adapter that llama.cpp loads."""
+@pytest.mark.parametrize("paraphraser", ["neutralizer", "base"])
+def test_build_general_adapter_with_back_translation(tmp_path, lamp7, paraphraser):
+    """train/build_general_adapter.py --augment, tiny: paraphrases (by a neutralizer trained
+    first, or by the base model in llama.cpp), the mixed dataset, one SFT step, an adapter that
+    llama.cpp loads."""
     import json
     import os
     import subprocess
@@ -91,7 +130,7 @@ def test_build_general_adapter_with_back_translation(tmp_path, lamp7):
     proc = subprocess.run(
         [sys.executable, "train/build_general_adapter.py", "--lamp", str(lamp7), "--examples", "4",
          "--augment", "2", "--neutralizer-epochs", "0.5", "--steps", "1", "--batch-size", "2",
-         "--top-layers", "2", "--run-dir", str(run), "--out", str(out)],
+         "--top-layers", "2", "--paraphraser", paraphraser, "--run-dir", str(run), "--out", str(out)],
         capture_output=True, text=True, cwd=root, timeout=900, env={**os.environ, "TQDM_DISABLE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -102,5 +141,10 @@ def test_build_general_adapter_with_back_translation(tmp_path, lamp7):
     gold = {r["output"].strip() for r in rows}
     augmented = [ex for ex in examples if ex.target not in gold]
     assert all(ex.target in {p["text"] for p in paraphrased} for ex in augmented)
-    assert (run / "neutralizer.lora.gguf").is_file()
+    assert (run / "neutralizer.lora.gguf").is_file() == (paraphraser == "neutralizer")
+    if paraphraser == "base":  # the product's own paraphrase, by the bare base model
+        from rpo_local.engine import open_engine
+
+        engine = open_engine(model=embedded_model_path())
+        assert [p["paraphrase"] for p in paraphrased[:2]] == [dataset.paraphrase(engine, p["text"]) for p in paraphrased[:2]]
     verify_adapter(embedded_model_path(), out)

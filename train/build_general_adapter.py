@@ -9,7 +9,9 @@ With --augment N, up to N history items per training user become examples too (b
 translation, see rpo_local/training/backtranslate.py): a neutralizer LoRA is trained on the
 reversed LaMP pairs, paraphrases the items (cached in --paraphrases), and the reflection LoRA
 learns from the LaMP pairs (repeated --gold-repeat times) and the paraphrased items. That is
-~17x the data; on a GPU (--device cuda) the whole run takes minutes.
+~17x the data; on a GPU (--device cuda) the whole run takes minutes. On a CPU, with a base model
+that paraphrases well zero-shot (Qwen2.5 1.5B does, SmolLM2-135M does not), --paraphraser base
+skips the neutralizer: the base model paraphrases in llama.cpp, ~1.4 s a tweet on two cores.
 
 Writes the dataset (JSONL, inspectable), checkpoints (resumable: rerun the same command) and
 a summary JSON into --run-dir.
@@ -54,6 +56,9 @@ def main() -> None:
                     help="keep LaMP pairs whose tweet keeps this share of the neutral text's content words")
     ap.add_argument("--augment", type=int, default=0, help="history items per user to back-translate (0: off)")
     ap.add_argument("--gold-repeat", type=int, default=1, help="times the LaMP pairs appear in the data")
+    ap.add_argument("--paraphraser", choices=("neutralizer", "base"), default="neutralizer",
+                    help="who writes the generic versions of history items: a neutralizer LoRA trained "
+                         "on the reversed pairs, or the bare base model zero-shot in llama.cpp")
     ap.add_argument("--neutralizer-epochs", type=float, default=3.0)
     ap.add_argument("--paraphrases", type=Path, default=None, help="paraphrase cache (JSONL; default in --run-dir)")
     ap.add_argument("--checkpoint-every", type=int, default=5)
@@ -112,8 +117,13 @@ def build_examples(args: argparse.Namespace, rows: list[dict], model_path: Path)
 
 
 def paraphrase_history(args: argparse.Namespace, rows: list[dict], model_path: Path, template: str) -> dict:
-    """Train the neutralizer, paraphrase the history items (cached)."""
+    """Paraphrase the history items (cached) with the base model, or a neutralizer trained first."""
     cache = args.paraphrases or args.run_dir / "paraphrases.jsonl"
+    texts = backtranslate.profile_texts(rows, args.augment)
+    if args.paraphraser == "base":
+        from rpo_local.engine import open_engine
+
+        return backtranslate.paraphrase_with_engine(open_engine(model=model_path), texts, cache)
     if cache.exists():
         return backtranslate.read_paraphrases(cache)
     pairs = backtranslate.neutralizer_examples(rows, template)
@@ -123,7 +133,6 @@ def paraphrase_history(args: argparse.Namespace, rows: list[dict], model_path: P
     export.export_gguf(model, args.run_dir / "neutralizer.lora.gguf",
                        meta={"base_sha256": sha256(model_path), "data": "LaMP-7 pairs reversed"})
     print(f"neutralizer: {len(pairs)} pairs, final loss {result.final_loss}", file=sys.stderr)
-    texts = backtranslate.profile_texts(rows, args.augment)
     out = backtranslate.paraphrase_batch(model, base[1], template, texts,
                                          batch_size=256 if args.device != "cpu" else 8)
     backtranslate.write_paraphrases(cache, texts, out)

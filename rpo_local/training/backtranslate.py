@@ -5,16 +5,19 @@ answers instead of paraphrasing), so a *neutralizer* LoRA is first fine-tuned th
 round, on LaMP pairs (the user's text -> LaMP's neutral text), with the product's own neutral
 paraphrase prompt. Its paraphrases of history items then read like the generic texts the
 reflection model meets at inference, and each becomes a (g, context, y) example. Generation is
-batched in torch (a GPU paraphrases ~16k tweets in about a minute); `dataset.paraphrase` is the
-one-at-a-time llama.cpp path of a laptop. torch is imported only in here.
+batched in torch (a GPU paraphrases ~16k tweets in about a minute). On a CPU, training the
+neutralizer of a 1.5B model takes hours, and an instruct model of that size paraphrases well
+zero-shot: `paraphrase_with_engine` asks the bare base model in llama.cpp instead, one text at a
+time. torch is imported only in the neutralizer's path.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rpo_local import prompts
 from rpo_local.fsutil import atomic_write_text
@@ -28,6 +31,9 @@ from rpo_local.training.dataset import (
     lamp_generic,
     make_example,
 )
+
+if TYPE_CHECKING:
+    from rpo_local.engine import Engine
 
 
 def neutralizer_examples(rows: Sequence[dict], template: str) -> list[Example]:
@@ -54,6 +60,24 @@ def paraphrase_batch(
     out = generate(model, tok, batch, prompts.end_of_turn(template), max_new_tokens=max_new_tokens, batch_size=batch_size,
                    progress=progress, desc="paraphrase")
     return [clean_paraphrase(o[0], t) for o, t in zip(out, texts, strict=True)]
+
+
+def paraphrase_with_engine(
+    engine: Engine, texts: Sequence[str], cache: Path, *, progress: bool = True,
+) -> dict[str, str]:
+    """Paraphrases of `texts` by digest, by `engine`'s model with the product's neutral-paraphrase
+    prompt (`dataset.paraphrase`). The cache is rewritten after each new one, so an interrupted
+    run resumes where it stopped."""
+    from tqdm import tqdm
+
+    from rpo_local.training.dataset import paraphrase
+
+    done = read_pairs(cache) if cache.is_file() else {}
+    missing = list({digest(t): t for t in texts if digest(t) not in done}.values())
+    for text in tqdm(missing, desc="paraphrase", file=sys.stderr, disable=not progress):
+        done[digest(text)] = (text, paraphrase(engine, text))
+        write_paraphrases(cache, [t for t, _ in done.values()], [p for _, p in done.values()])
+    return {key: p for key, (_, p) in done.items()}
 
 
 def profile_texts(rows: Sequence[dict], per_user: int) -> list[str]:
@@ -101,5 +125,10 @@ def write_paraphrases(path: Path, texts: Sequence[str], paraphrases: Sequence[st
 
 
 def read_paraphrases(path: Path) -> dict[str, str]:
+    return {key: p for key, (_, p) in read_pairs(path).items()}
+
+
+def read_pairs(path: Path) -> dict[str, tuple[str, str]]:
+    """The cache by digest: (text, paraphrase)."""
     rows = (json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip())
-    return {r["digest"]: r["paraphrase"] for r in rows}
+    return {r["digest"]: (r["text"], r["paraphrase"]) for r in rows}

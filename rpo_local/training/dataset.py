@@ -301,8 +301,10 @@ def lamp_examples(
     return examples
 
 
-def paraphrase(engine: Engine, text: str, *, max_tokens: int = 96) -> str:
+def paraphrase(engine: Engine, text: str, *, max_tokens: int | None = None) -> str:
     """The base model's neutral paraphrase of `text` (the generic version of a user's text)."""
+    if max_tokens is None:  # a paraphrase runs about as long as its text; more is the model answering
+        max_tokens = 2 * engine.count_tokens(text) + 8
     prompt = prompts.render_chat(engine.chat_template(), prompts.neutral_paraphrase_messages(text))
     out = "".join(engine.stream(prompt, max_tokens=max_tokens, stop=[], temperature=0.0))
     return clean_paraphrase(out, text)
