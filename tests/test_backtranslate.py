@@ -61,7 +61,7 @@ def _neutral_of(prompt: str) -> str:
 
 
 def test_base_model_paraphrases_are_cached_as_they_come_and_resume(tmp_path):
-    texts = ["walking the dog lol", "so tired 2day", "walking the dog lol"]
+    texts = ["walking the dog lol", "so tired 2day", "so tired 2day"]
     calls: list[str] = []
 
     def flaky(prompt: str) -> str:
@@ -77,7 +77,7 @@ def test_base_model_paraphrases_are_cached_as_they_come_and_resume(tmp_path):
     assert list(first) == [digest(texts[0])]  # the finished one survived the interruption
     engine = FakeEngine(_neutral_of)
     done = backtranslate.paraphrase_with_engine(engine, texts, cache, progress=False)
-    assert len(engine.prompts) == 1  # only the missing text; the repeated one once
+    assert len(engine.prompts) == 1  # only the missing text, and the repeated one once
     assert done == backtranslate.read_paraphrases(cache) == {digest(t): t.upper() for t in texts}
     assert engine.prompts[0] == prompts.render_chat(SMOLLM2_TEMPLATE, prompts.neutral_paraphrase_messages(texts[1]))
 
@@ -86,8 +86,8 @@ def test_a_paraphrase_runs_about_as_long_as_its_text():
     """A base model that answers instead of paraphrasing is cut at twice the text's tokens."""
     engine = FakeEngine(lambda prompt: "Sure! " + "and more " * 200)
     text = "so tired 2day"
-    out = dataset.paraphrase(engine, text)
-    assert len(out) <= 3 * (2 * engine.count_tokens(text) + 8)  # the fake streams 3 characters a token
+    budget = 2 * engine.count_tokens(text) + 8
+    assert dataset.paraphrase(engine, text) == ("Sure! " + "and more " * 200)[: 3 * budget].strip()  # 3 chars a token
     assert dataset.paraphrase(engine, text, max_tokens=2) == "Sure!"
 
 
@@ -134,13 +134,14 @@ def test_build_general_adapter_with_back_translation(tmp_path, lamp7, paraphrase
         capture_output=True, text=True, cwd=root, timeout=900, env={**os.environ, "TQDM_DISABLE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    paraphrased = [json.loads(line) for line in (run / "paraphrases.jsonl").read_text().splitlines()]
+    cache = run / ("paraphrases.jsonl" if paraphraser == "neutralizer" else "paraphrases-base.jsonl")
+    paraphrased = [json.loads(line) for line in cache.read_text().splitlines()]
     rows = dataset.read_lamp(lamp7, skip=100, limit=4)
     assert [p["text"] for p in paraphrased] == backtranslate.profile_texts(rows, 2)
     examples = dataset.read_jsonl(run / "train.jsonl")
     gold = {r["output"].strip() for r in rows}
     augmented = [ex for ex in examples if ex.target not in gold]
-    assert all(ex.target in {p["text"] for p in paraphrased} for ex in augmented)
+    assert augmented and all(ex.target in {p["text"] for p in paraphrased} for ex in augmented)
     assert (run / "neutralizer.lora.gguf").is_file() == (paraphraser == "neutralizer")
     if paraphraser == "base":  # the product's own paraphrase, by the bare base model
         from rpo_local.engine import open_engine

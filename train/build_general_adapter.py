@@ -11,7 +11,7 @@ reversed LaMP pairs, paraphrases the items (cached in --paraphrases), and the re
 learns from the LaMP pairs (repeated --gold-repeat times) and the paraphrased items. That is
 ~17x the data; on a GPU (--device cuda) the whole run takes minutes. On a CPU, with a base model
 that paraphrases well zero-shot (Qwen2.5 1.5B does, SmolLM2-135M does not), --paraphraser base
-skips the neutralizer: the base model paraphrases in llama.cpp, ~1.4 s a tweet on two cores.
+skips the neutralizer: the base model paraphrases in llama.cpp, ~1.5 s a tweet on two cores.
 
 Writes the dataset (JSONL, inspectable), checkpoints (resumable: rerun the same command) and
 a summary JSON into --run-dir.
@@ -117,13 +117,12 @@ def build_examples(args: argparse.Namespace, rows: list[dict], model_path: Path)
 
 
 def paraphrase_history(args: argparse.Namespace, rows: list[dict], model_path: Path, template: str) -> dict:
-    """Paraphrase the history items (cached) with the base model, or a neutralizer trained first."""
-    cache = args.paraphrases or args.run_dir / "paraphrases.jsonl"
+    """Paraphrase the history items (cached) with the base model, or a neutralizer trained first.
+    The two write different default caches: a half-done one of either is never taken for the other's."""
     texts = backtranslate.profile_texts(rows, args.augment)
     if args.paraphraser == "base":
-        from rpo_local.engine import open_engine
-
-        return backtranslate.paraphrase_with_engine(open_engine(model=model_path), texts, cache)
+        return paraphrase_with_base(args, model_path, texts)
+    cache = args.paraphrases or args.run_dir / "paraphrases.jsonl"
     if cache.exists():
         return backtranslate.read_paraphrases(cache)
     pairs = backtranslate.neutralizer_examples(rows, template)
@@ -137,6 +136,17 @@ def paraphrase_history(args: argparse.Namespace, rows: list[dict], model_path: P
                                          batch_size=256 if args.device != "cpu" else 8)
     backtranslate.write_paraphrases(cache, texts, out)
     return {digest(t): p for t, p in zip(texts, out, strict=True)}
+
+
+def paraphrase_with_base(args: argparse.Namespace, model_path: Path, texts: list[str]) -> dict:
+    import dataclasses
+
+    from rpo_local.config import load_config
+    from rpo_local.engine import open_engine
+
+    engine = open_engine(dataclasses.replace(load_config(), n_threads=args.threads), model=model_path)
+    cache = args.paraphrases or args.run_dir / "paraphrases-base.jsonl"
+    return backtranslate.paraphrase_with_engine(engine, texts, cache)  # the engine is freed before training
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ def main() -> None:
     config = load_config()
     cases = held_out(dataset.read_lamp(args.lamp, skip=dataset.EVAL_USERS), args.skip_items, args.users)
     engine = open_engine(config, adapter=args.neutralizer)
-    generics = [dataset.paraphrase(engine, y) for _, y in tqdm(cases, desc="paraphrase", file=sys.stderr)]
+    # the budget the gate was calibrated with (the length rule came later)
+    generics = [dataset.paraphrase(engine, y, max_tokens=96) for _, y in tqdm(cases, desc="paraphrase", file=sys.stderr)]
     engine.set_adapter(args.adapter)
     reflector = Reflector(None, engine, dataclasses.replace(config, min_content_kept=0.0))
     records = []

@@ -95,8 +95,8 @@ def augmented_examples(
     fmt: str = prompts.DEFAULT_FORMAT,
 ) -> list[Example]:
     """One example per history item y with a paraphrase g (keyed by `digest(y)`): the context is
-    retrieved for g from the user's other items. Paraphrases that copy y, or keep too little of
-    it (the neutralizer invented), are left out."""
+    retrieved for g from the user's other items. Paraphrases that copy y, or of whose content y
+    keeps too little (the paraphraser invented), are left out."""
     examples = []
     for row in rows:
         name = f"{profile_prefix}{row['id']}"
